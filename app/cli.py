@@ -1,0 +1,192 @@
+"""The command line: `python -m app <command> [--flags]`.
+
+Every command is a module with a dataclass `Config` and a `main(config)`. This file
+turns the dataclass into argparse flags (dash-case, `help=` from the field metadata)
+and resolves each value with one precedence, highest first:
+
+    --flag  >  PIPELINE_<FIELD> environment variable  >  --preset values  >  dataclass default
+
+so a Kubernetes ConfigMap can set `PIPELINE_*` variables and a user can still
+override one of them on the command line. Bad values exit with code 2 before
+anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import types
+import typing
+from typing import Any
+
+from app.errors import EXIT_CONFIG, EXIT_RETRYABLE, ConfigError, PipelineError
+
+ENV_PREFIX = "PIPELINE_"
+
+COMMANDS: dict[str, str] = {
+    "sft": "app.phases.sft",
+    "rollouts": "app.phases.rollouts",
+    "preferences": "app.phases.preferences",
+    "dpo": "app.phases.dpo",
+    "eval": "app.phases.eval",
+    "pipeline": "app.phases.pipeline",
+    "bench": "app.bench",
+}
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _converter(tp: Any):
+    tp = _unwrap_optional(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+        return str, list(choices)
+    if tp in (int, float, str):
+        return tp, None
+    if tp is bool:
+        return _parse_bool, None
+    if typing.get_origin(tp) in (list, tuple):
+        (inner, *_) = typing.get_args(tp)
+        return (lambda text: [_converter(inner)[0](part) for part in _split_list(text)]), None
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _field_types(config_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(config_cls)
+
+
+def build_parser(config_cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    hints = _field_types(config_cls)
+    for field in dataclasses.fields(config_cls):
+        if not field.init:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        tp = _unwrap_optional(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        help_text = field.metadata.get("help", "")
+        help_text = f"{help_text} [env {env_name(field.name)}; default: {default!r}]"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        convert, choices = _converter(tp)
+        parser.add_argument(flag, type=convert, choices=choices, help=help_text, metavar=field.name.upper())
+    return parser
+
+
+def build_config(config_cls: type, argv: list[str], prog: str = "app", environ: dict[str, str] | None = None,
+                 description: str | None = None):
+    """Parse `argv` plus the environment into a `config_cls` instance and validate it."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser(config_cls, prog, description)
+    given = vars(parser.parse_args(argv))
+    hints = _field_types(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+
+    values: dict[str, Any] = {}
+    for name in names:
+        if name in environ or env_name(name) in environ:
+            raw = environ.get(env_name(name))
+            if raw is None:
+                continue
+            convert, choices = _converter(hints[name])
+            try:
+                value = convert(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{env_name(name)}={raw!r}: {exc}") from None
+            if choices and value not in choices:
+                raise ConfigError(f"{env_name(name)}={raw!r}: choose from {choices}")
+            values[name] = value
+    values.update({k: v for k, v in given.items() if k in names})
+
+    preset_name = values.get("preset")
+    if preset_name is None and "preset" in names:
+        preset_name = next(f.default for f in dataclasses.fields(config_cls) if f.name == "preset")
+    if preset_name is not None:
+        from app.presets import preset_values
+
+        for name, value in preset_values(preset_name).items():
+            if name in names and name not in values:
+                values[name] = value
+
+    config = config_cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def load_command(command: str):
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")
+    return importlib.import_module(COMMANDS[command])
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None):
+    """`parse(["sft", "--epochs", "2"])` -> ("sft", sft.Config(...)). Used by tests and by k8s checks."""
+    if not argv:
+        raise ConfigError("no command given\n" + usage())
+    command, rest = argv[0], argv[1:]
+    module = load_command(command)
+    return command, build_config(module.Config, rest, prog=f"python -m app {command}", environ=environ,
+                                 description=module.__doc__)
+
+
+def usage() -> str:
+    lines = ["usage: python -m app <command> [--flags]   (python -m app <command> --help for its flags)", "",
+             "commands:"]
+    for name, module_name in COMMANDS.items():
+        lines.append(f"  {name:12s} {module_name}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return 0
+    try:
+        command, config = parse(argv)
+        load_command(command).main(config)
+        return 0
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_RETRYABLE

@@ -1,0 +1,66 @@
+"""Named bundles of defaults: `--preset tiny` (the embedded CPU demo) and `--preset abel-7b`.
+
+A preset only fills fields that neither a flag nor a `PIPELINE_*` variable set, and
+only fields the phase's config has, so one table serves every phase.
+"""
+
+from __future__ import annotations
+
+from app.errors import ConfigError
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Runs anywhere in minutes: a tiny Llama built and warmed up locally, synthetic problems.
+    "tiny": {
+        "base_model": "tiny",
+        "prompt_format": "abel",
+        "train_data": "synthetic:1200",
+        "eval_data": "synthetic-test:200",
+        "rollout_data": "synthetic:160",
+        "max_new_tokens": 96,
+        "max_seq_length": 256,
+        "sft_epochs": 2,
+        "sft_learning_rate": 2e-3,
+        "sft_batch_size": 16,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "dpo_epochs": 1,
+        "dpo_learning_rate": 5e-4,
+        "dpo_batch_size": 8,
+        "dpo_grad_accum": 1,
+        "dpo_beta": 0.1,
+        "bf16": False,
+        "n_samples": 8,
+        "temperature": 1.0,
+        "question_batch_size": 64,
+    },
+    # The reference case: GAIR/Abel-7B-002 on GSM8K, 8 GPUs per phase.
+    "abel-7b": {
+        "base_model": "GAIR/Abel-7B-002",
+        "prompt_format": "abel",
+        "train_data": "hf:openai/gsm8k",
+        "eval_data": "hf:openai/gsm8k",
+        "rollout_data": "hf:openai/gsm8k",
+        "max_new_tokens": 512,
+        "max_seq_length": 1024,
+        "sft_epochs": 3,
+        "sft_learning_rate": 1e-4,
+        "sft_batch_size": 16,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "dpo_epochs": 1,
+        "dpo_learning_rate": 5e-6,
+        "dpo_batch_size": 2,
+        "dpo_grad_accum": 2,
+        "dpo_beta": 0.1,
+        "bf16": True,
+        "n_samples": 8,
+        "temperature": 0.8,
+        "question_batch_size": 256,
+    },
+}
+
+
+def preset_values(name: str) -> dict[str, object]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
