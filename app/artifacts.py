@@ -1,34 +1,43 @@
 """Where each phase's artifacts live, and the manifest that makes them count.
 
-Layout, the same on a local disk and in S3:
+Layout, the same on a local disk and in S3 (docs/STORAGE.md has the details):
 
-    <store>/runs/<run-id>/<phase>/manifest.json      written last; the only thing readers trust
-    <store>/runs/<run-id>/<phase>/<files...>         listed in the manifest with size and SHA-256
+    <store>/runs/<run-id>/<phase>/manifest.json               written last; the only thing readers trust
+    <store>/runs/<run-id>/<phase>/<attempt-id>/<files...>     listed in the manifest with size and SHA-256
 
 A phase works in a private local directory, then `publish` uploads every file and
 writes `manifest.json` last, with a conditional write, so a crash mid-upload leaves
 no manifest and the artifact does not exist as far as any reader is concerned.
-`fetch` reads the manifest, downloads exactly the files it names and checks each
-checksum. Nothing ever lists a prefix to guess what exists.
+Each publish uploads into its own attempt directory, so a second writer of the same
+phase (a duplicate pod, a retry racing a slow original) can never overwrite files that
+the winning manifest describes: the loser's conditional manifest write fails and it
+deletes its own files. `fetch` reads the manifest, downloads exactly the files it
+names and checks each checksum. Nothing ever lists a prefix to guess what exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
-from pathlib import Path
+import time
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Protocol
 
 from app.errors import InputError, StorageError
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: files live under the manifest's "data_dir" (1: next to the manifest)
+ATTEMPT_PREFIX = "attempt-"
 PHASES = ("base", "sft", "rollouts", "preferences", "dpo", "eval")
 
 
@@ -112,7 +121,18 @@ class LocalBackend:
         shutil.copyfile(source, local_path)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Remove directories this left empty, but only inside an attempt directory: the phase
+        # directory above it may be about to receive another writer's files.
+        parent = path.parent
+        while parent != self.root and any(part.startswith(ATTEMPT_PREFIX)
+                                          for part in parent.relative_to(self.root).parts):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

@@ -1,0 +1,222 @@
+"""GSM8K-format problems: from the hub, a JSONL file (local or s3://), or a built-in generator.
+
+A data spec is one string, so it fits a flag, an environment variable or a ConfigMap:
+
+    hf:openai/gsm8k               the hub dataset (split chosen by the phase: train or test)
+    hf:madrylab/gsm8k-platinum    GSM8K-Platinum (test split)
+    synthetic:1200                1200 generated word problems (seeded), for the demo and tests
+    synthetic-test:200            a disjoint generated set for evaluation
+    /data/train.jsonl             a JSONL file with "question" and "answer" per line
+    s3://bucket/gsm8k/train.jsonl the same, in S3
+
+Every row becomes a `Problem` whose `gold` is extracted once, here, with the same
+extractor rewards and eval use. Malformed rows raise an `InputError` naming the file,
+the line and the field; rows whose gold answer does not parse are rejected and
+counted, and the load fails past `max_reject_rate` instead of silently training on less.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from app.errors import ConfigError, InputError
+from app.rewards import extract_answer
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str  # the reference solution, ending in "#### <number>"
+    gold: str  # the normalised final number
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows: int = 0
+    rejected: int = 0
+    reasons: dict | None = None
+
+    def line(self) -> str:
+        text = f"{self.source}: {self.rows - self.rejected} usable of {self.rows} rows"
+        if self.rejected:
+            text += f" ({self.rejected} rejected: " + ", ".join(f"{k} x{v}" for k, v in (self.reasons or {}).items()) + ")"
+        return text
+
+
+def load_problems(spec: str, split: str = "train", limit: int | None = None, max_reject_rate: float = 0.01,
+                  seed: int = 0) -> tuple[list[Problem], LoadReport]:
+    """Problems for a data spec (see the module docstring), in a stable order."""
+    if not spec:
+        raise ConfigError("empty data spec")
+    if spec.startswith("synthetic"):
+        rows, source = _synthetic_rows(spec, split, seed), spec
+    elif spec.startswith("hf:"):
+        rows, source = _hub_rows(spec[3:], split), spec
+    else:
+        rows, source = _jsonl_rows(spec), spec
+    problems, report = _to_problems(rows, source)
+    if report.rows == 0 or not problems:
+        raise InputError(f"{source}: no usable rows (empty dataset)")
+    if report.rejected / report.rows > max_reject_rate:
+        raise InputError(f"{report.line()}; over the allowed reject rate {max_reject_rate:.1%}")
+    if limit is not None:
+        problems = problems[:limit]
+    return problems, report
+
+
+def _to_problems(rows: list[tuple[str, int, dict]], source: str) -> tuple[list[Problem], LoadReport]:
+    report = LoadReport(source=source, reasons={})
+    problems = []
+    for where, line_number, row in rows:
+        report.rows += 1
+        for field in ("question", "answer"):
+            if field not in row:
+                raise InputError(f"{where}:{line_number}: missing field '{field}'")
+            if not isinstance(row[field], str):
+                raise InputError(f"{where}:{line_number}: field '{field}' must be a string, "
+                                 f"not {type(row[field]).__name__}")
+        if not row["question"].strip():
+            _reject(report, "empty question")
+            continue
+        gold = extract_answer(row["answer"], method="strict") or extract_answer(row["answer"])
+        if gold is None:
+            _reject(report, "gold answer does not parse")
+            continue
+        problem_id = str(row.get("id", f"{Path(where).stem}-{line_number}"))
+        problems.append(Problem(id=problem_id, question=row["question"].strip(), answer=row["answer"].strip(),
+                                gold=gold))
+    return problems, report
+
+
+def _reject(report: LoadReport, reason: str) -> None:
+    report.rejected += 1
+    report.reasons[reason] = report.reasons.get(reason, 0) + 1
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises naming file and line."""
+    out = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{line_number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(value, dict):
+                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(value).__name__}")
+            out.append((line_number, value))
+    return out
+
+
+def write_jsonl(path: str | Path, rows) -> int:
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def _jsonl_rows(spec: str) -> list[tuple[str, int, dict]]:
+    from app.artifacts import is_s3
+
+    if is_s3(spec):
+        from app.artifacts import local_copy
+
+        path = local_copy(spec)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise InputError(f"{spec}: no such file")
+    return [(spec, n, row) for n, row in read_jsonl(path)]
+
+
+def _hub_rows(name: str, split: str) -> list[tuple[str, int, dict]]:
+    import datasets
+
+    if name.endswith("gsm8k-platinum"):
+        split = "test"  # Platinum is a cleaned test set only
+    dataset = datasets.load_dataset(name, "main", split=split)
+    return [(f"hf:{name}[{split}]", i + 1, dict(row)) for i, row in enumerate(dataset)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic GSM8K-format problems: one or two arithmetic steps over small numbers, phrased as
+# word problems, with solutions in GSM8K's own style (calculator annotations and "#### N").
+
+_NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo", "Mia", "Ned"]
+_ITEMS = ["apples", "books", "cards", "pens", "shells", "stickers", "marbles", "coins", "eggs", "plums"]
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.randrange(5)
+    a, b = rng.randint(2, 30), rng.randint(2, 20)
+    if kind == 0:
+        q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
+        steps = [(f"{name} has {a} + {b} = ", a, "+", b, f" {item}.")]
+    elif kind == 1:
+        a = a + b
+        q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+        steps = [(f"{name} has {a} - {b} = ", a, "-", b, f" {item} left.")]
+    elif kind == 2:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        q = f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?"
+        steps = [(f"{name} has {a} * {b} = ", a, "*", b, f" {item}.")]
+    elif kind == 3:
+        b, per = rng.randint(2, 9), rng.randint(2, 9)
+        a = b * per
+        q = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
+        steps = [(f"Each friend gets {a} / {b} = ", a, "/", b, f" {item}.")]
+    else:
+        c = rng.randint(2, 9)
+        q = (f"{name} has {a} {item}, buys {b} more, then buys {c} packs of 2 {item}. "
+             f"How many {item} does {name} have?")
+        steps = [(f"After the first purchase {name} has {a} + {b} = ", a, "+", b, f" {item}."),
+                 (f"The packs hold {c} * 2 = ", c, "*", 2, f" {item}.")]
+        first, second = a + b, c * 2
+        steps.append((f"In total {name} has {first} + {second} = ", first, "+", second, f" {item}."))
+    lines, result = [], 0
+    for prefix, x, op, y, suffix in steps:
+        result = {"+": x + y, "-": x - y, "*": x * y, "/": x // y}[op]
+        lines.append(f"{prefix}<<{x}{op}{y}={result}>>{result}{suffix}")
+    return q, "\n".join(lines) + f"\n#### {result}"
+
+
+def synthetic_problems(n: int, seed: int = 0, stream: str = "train") -> list[dict]:
+    """`n` generated problems; the train and test streams never share a question."""
+    rng = random.Random(f"{stream}-{seed}")
+    out, seen = [], set()
+    while len(out) < n:
+        question, answer = _problem(rng)
+        # A hash of the question's text decides its stream, so train and test never overlap.
+        if (stream == "test") != (hash_bucket(question) == 0) or question in seen:
+            continue
+        seen.add(question)
+        out.append({"id": f"syn-{stream}-{len(out)}", "question": question, "answer": answer})
+    return out
+
+
+def hash_bucket(text: str, buckets: int = 5) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest(), 16) % buckets
+
+
+def _synthetic_rows(spec: str, split: str, seed: int) -> list[tuple[str, int, dict]]:
+    kind, _, count = spec.partition(":")
+    if kind not in ("synthetic", "synthetic-test") or not count.isdigit() or int(count) <= 0:
+        raise ConfigError(f"data spec {spec!r}: use synthetic:N or synthetic-test:N with N > 0")
+    stream = "test" if kind == "synthetic-test" or split == "test" else "train"
+    rows = synthetic_problems(int(count), seed=seed, stream=stream)
+    return [(spec, i + 1, row) for i, row in enumerate(rows)]

@@ -1,0 +1,132 @@
+"""Attention over packed rows: each token sees only the earlier tokens of its own sequence.
+
+We register one attention implementation, `packed_varlen`, with transformers' attention
+interface and switch a model to it only while it trains on packed rows (`packed_attention`).
+The model's forward is called with `packed_cu_seqlens` / `packed_max_seqlen` keyword arguments,
+which transformers passes down, untouched, to every attention call.
+
+On CUDA this is flash-attention's varlen kernel, shipped inside PyTorch
+(`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10): no padding, no mask tensor, no
+wasted blocks. Elsewhere (CPU tests, older torch) it is SDPA with an explicit block-diagonal
+causal mask: slower, the same function. A call without the packed keywords (generation,
+evaluation) goes to plain SDPA, so a model left in this mode still works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "packed_varlen"
+_registered = False
+
+
+def _varlen_kernel():
+    """torch's varlen flash attention and the keyword that makes it causal, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch >= 2.11
+        return varlen_attn, {"window_size": (-1, 0)}
+    if "is_causal" in params:  # torch 2.10
+        return varlen_attn, {"is_causal": True}
+    return None
+
+
+_VARLEN = _varlen_kernel()
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T, T) bool: True where query i may attend key j (same sequence, j <= i)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    causal = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return causal & (seq[:, None] == seq[None, :])
+
+
+def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scale: float):
+    """query (T, Hq, D), key/value (T, Hkv, D) -> (T, Hq, D), causal within each sequence."""
+    if query.is_cuda and _VARLEN is not None:
+        kernel, causal = _VARLEN
+        if key.shape[1] != query.shape[1]:
+            # Flash-attention handles grouped KV heads natively, but not every torch release's
+            # wrapper accepts them; repeating K/V costs ~2% of a layer's memory traffic.
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        return kernel(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
+    mask = block_causal_mask(cu_seqlens, query.shape[0])
+    out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                       sliding_window=None, **kwargs):
+    """transformers' attention-interface signature; query is (B, H, T, D), the result (B, T, H, D)."""
+    cu_seqlens = kwargs.get("packed_cu_seqlens")
+    if cu_seqlens is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one packed row (batch size 1)")
+    max_seqlen = int(kwargs["packed_max_seqlen"])
+    if sliding_window is not None and max_seqlen > sliding_window:
+        raise ValueError(f"packed sequences of {max_seqlen} tokens exceed the model's sliding window "
+                         f"({sliding_window}); not supported by the packed path")
+    if dropout:
+        raise ValueError("attention dropout is not supported by the packed path")
+    out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                           cu_seqlens, max_seqlen, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args, **kwargs):
+    # The boundaries travel as cu_seqlens; a (T, T) mask would cost memory and time for nothing.
+    return None
+
+
+def register() -> str:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(NAME, _attention_forward)
+        AttentionMaskInterface.register(NAME, _no_mask)
+        _registered = True
+    return NAME
+
+
+def _configs(model):
+    seen = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in seen:
+            seen.add(id(config))
+            yield config
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Inside this block the model's attention layers run `packed_varlen`; restored after."""
+    register()
+    saved = [(config, config._attn_implementation) for config in _configs(model)]
+    try:
+        for config, _ in saved:
+            config._attn_implementation = NAME
+        yield model
+    finally:
+        for config, previous in saved:
+            config._attn_implementation = previous
+
+
+def uses_flash_varlen(device: torch.device | str) -> bool:
+    """Whether packed attention on `device` runs the flash varlen kernel (else the masked SDPA fallback)."""
+    return torch.device(device).type == "cuda" and _VARLEN is not None
