@@ -33,7 +33,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Protocol
 
-from app.errors import InputError, StorageError
+from app.errors import ConfigError, InputError, PipelineError, StorageError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2  # 2: files live under the manifest's "data_dir" (1: next to the manifest)
@@ -91,7 +91,7 @@ class LocalBackend:
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # unique: two pods may both be pid 1
         tmp.write_bytes(data)
         if if_absent:
             try:
@@ -109,9 +109,12 @@ class LocalBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         if Path(local_path).resolve() == path.resolve():
             return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # unique: two pods may both be pid 1
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def download(self, key: str, local_path: Path) -> None:
         source = self._path(key)
@@ -224,80 +227,217 @@ def lineage_entry(uri: str, manifest: dict) -> dict:
 
 
 def is_current(uri: str, identity: dict) -> bool:
-    """True when the artifact is published with the same config (rerun = no-op)."""
+    """True when the artifact is published with the same config from the same inputs (rerun = no-op).
+
+    An input that was republished since (a `--force` rerun of SFT, say) makes every
+    artifact built from the old one stale, so a resumed pipeline redoes them.
+    """
     manifest = read_manifest(uri)
-    return manifest is not None and manifest.get("config_hash") == config_hash(identity)
+    if manifest is None or manifest.get("config_hash") != config_hash(identity):
+        return False
+    for entry in manifest.get("inputs", {}).values():
+        if isinstance(entry, dict) and entry.get("uri") and entry.get("manifest_sha256"):
+            current = read_manifest(entry["uri"])
+            if current is None or manifest_digest(current) != entry["manifest_sha256"]:
+                return False
+    return True
 
 
 def publish(local_dir: Path, uri: str, *, phase: str, config: dict, identity: dict | None = None,
             inputs: dict | None = None, metrics: dict | None = None, timings: dict | None = None,
             overwrite: bool = False) -> dict:
-    """Upload every file under `local_dir`, then write the manifest last.
+    """Upload every file under `local_dir` into a fresh attempt directory, then write the manifest last.
 
     With `overwrite` (a `--force` rerun) an existing manifest is removed first, so the
-    old artifact stops counting before any of its files change. Without it, a second
-    writer that finds a manifest already there loses: it raises instead of publishing.
+    old artifact stops counting before anything else happens; its files are deleted
+    once the new manifest is in place. Without it, a writer that finds a manifest
+    already there loses: it raises instead of publishing. Whatever fails, no manifest is
+    left behind, and the files this attempt uploaded are removed (best effort).
     """
+    started = time.monotonic()
     local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"publish: {local_dir} is not a directory")
     backend, prefix = open_store(uri)
-    key = (lambda name: join(prefix, name)) if prefix else (lambda name: name)
-    if overwrite:
+    key = _keyer(prefix)
+    this_hash = config_hash(identity if identity is not None else config)
+
+    previous = None
+    raw = backend.read_bytes(key(MANIFEST))
+    if raw is not None:
+        try:
+            previous = json.loads(raw)
+        except json.JSONDecodeError:
+            previous = None  # a damaged manifest counts as published; --force may replace it
+        if not overwrite:
+            if isinstance(previous, dict) and previous.get("config_hash") == this_hash:
+                raise StorageError(f"{uri}: another writer published this artifact (same config) first")
+            raise ConfigError(f"{uri} is already published with a different config; "
+                              "rerun with --force to replace it, or use another --run-id")
         backend.delete(key(MANIFEST))
-    elif backend.read_bytes(key(MANIFEST)) is not None:
-        raise StorageError(f"{uri} is already published; rerun with --force to replace it")
 
+    attempt = f"{ATTEMPT_PREFIX}{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
     files: dict[str, dict] = {}
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        name = path.relative_to(local_dir).as_posix()
-        if name == MANIFEST:
-            continue
-        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        backend.upload(path, key(name))
+    uploaded: list[str] = []
+    try:
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            name = path.relative_to(local_dir).as_posix()
+            if name == MANIFEST:
+                continue
+            files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            uploaded.append(key(join(attempt, name)))
+            backend.upload(path, uploaded[-1])
 
-    manifest = {
-        "schema": SCHEMA_VERSION,
-        "phase": phase,
-        "uri": uri,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        "config": config,
-        "config_hash": config_hash(identity if identity is not None else config),
-        "inputs": inputs or {},
-        "metrics": metrics or {},
-        "timings": timings or {},
-        "files": files,
-    }
-    data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
-    if not backend.write_bytes(key(MANIFEST), data, if_absent=True):
-        raise StorageError(f"{uri}: another writer published this artifact first; not overwriting it")
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "phase": phase,
+            "uri": uri,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code_version(),
+            "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+            "config": config,
+            "config_hash": this_hash,
+            "inputs": inputs or {},
+            "metrics": metrics or {},
+            "timings": {**(timings or {}), "publish_s": round(time.monotonic() - started, 3)},
+            "data_dir": attempt,
+            "total_bytes": sum(meta["size"] for meta in files.values()),
+            "files": files,
+        }
+        data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        if not backend.write_bytes(key(MANIFEST), data, if_absent=True):
+            raise StorageError(f"{uri}: another writer published this artifact first; not overwriting it")
+    except BaseException:
+        _discard(backend, uploaded)  # no manifest of ours names them
+        raise
+
+    # Servers without conditional writes: a concurrent writer may have replaced our manifest.
+    try:
+        current = backend.read_bytes(key(MANIFEST))
+    except PipelineError:
+        current = data  # cannot tell; ours was written and nothing says otherwise
+    if current != data:
+        _discard(backend, uploaded)
+        raise StorageError(f"{uri}: another writer published this artifact at the same time; not using ours")
+
+    if isinstance(previous, dict) and isinstance(previous.get("files"), dict):
+        old_dir = previous.get("data_dir", "")
+        if old_dir != attempt:
+            _discard(backend, [key(join(old_dir, name) if old_dir else name) for name in previous["files"]])
     return manifest
 
 
+def _discard(backend: Backend, keys: list[str]) -> None:
+    """Best-effort removal of objects no manifest names; stops at the first failure (the store is down)."""
+    for name in keys:
+        try:
+            backend.delete(name)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the error being raised
+            print(f"warning: could not delete {name} ({exc}); it is unreferenced and safe to remove",
+                  file=sys.stderr, flush=True)
+            return
+
+
+def _keyer(prefix: str):
+    return (lambda name: join(prefix, name)) if prefix else (lambda name: name)
+
+
+def _safe_name(name: str, label: str) -> str:
+    """Names from a manifest must stay inside the artifact: a tampered one must not write elsewhere."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or path.as_posix() != name:
+        raise InputError(f"{label}: unsafe file name {name!r} in the manifest")
+    return name
+
+
+def _cache_base(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir or os.environ.get("PIPELINE_CACHE") or Path(tempfile.gettempdir()) / "pipeline-cache")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on this machine (torchrun ranks fetching the same artifact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fetch(uri: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, dict]:
-    """(local directory with the artifact's files, manifest), every file checked against the manifest."""
+    """(local directory with the artifact's files, manifest), every file checked against the manifest.
+
+    Local stores are read in place; S3 artifacts are downloaded once per manifest version
+    into `cache_dir` (default $PIPELINE_CACHE, else <tmp>/pipeline-cache) and reused.
+    """
     manifest = read_manifest(uri)
     if manifest is None:
         raise InputError(f"{uri} is not published (no {MANIFEST}); run its phase first")
+    for _ in range(3):
+        try:
+            return _fetch_once(uri, manifest, cache_dir), manifest
+        except InputError:
+            latest = read_manifest(uri)
+            if latest is None:
+                raise StorageError(f"{uri} was unpublished while being read (a --force rerun?); retry later") from None
+            if manifest_digest(latest) == manifest_digest(manifest):
+                raise
+            manifest = latest  # republished while we read it: start over with the new version
+    raise StorageError(f"{uri} kept changing while being read; retry later")
+
+
+def _fetch_once(uri: str, manifest: dict, cache_dir) -> Path:
     backend, prefix = open_store(uri)
-    key = (lambda name: join(prefix, name)) if prefix else (lambda name: name)
+    key = _keyer(prefix)
+    data_dir = manifest.get("data_dir", "")
+    if data_dir:
+        _safe_name(data_dir, uri)
+    entries = [(_safe_name(name, uri), meta) for name, meta in manifest["files"].items()]
 
     in_place = backend.local_path(key(MANIFEST))
     if in_place is not None:
-        root = in_place.parent
-        for name, meta in manifest["files"].items():
+        root = in_place.parent / data_dir if data_dir else in_place.parent
+        for name, meta in entries:
             _verify(root / name, meta, f"{uri}/{name}")
-        return root, manifest
+        return root
 
-    digest = manifest_digest(manifest)[:16]
-    base = Path(cache_dir or os.environ.get("PIPELINE_CACHE", Path(tempfile.gettempdir()) / "pipeline-cache"))
-    root = base / "artifacts" / digest
-    for name, meta in manifest["files"].items():
-        target = root / name
-        if target.exists() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
-            continue
-        backend.download(key(name), target)
-        _verify(target, meta, f"{uri}/{name}")
-    return root, manifest
+    digest = manifest_digest(manifest)
+    base = _cache_base(cache_dir) / "artifacts"
+    root = base / digest[:16]
+    marker = base / f"{digest[:16]}.verified.json"
+    with _locked(base / f"{digest[:16]}.lock"):
+        if _marker_matches(marker, root, digest, entries):
+            return root
+        for name, meta in entries:
+            target = root / name
+            if target.exists() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
+                continue
+            backend.download(key(join(data_dir, name) if data_dir else name), target)
+            try:
+                _verify(target, meta, f"{uri}/{name}")
+            except InputError:
+                target.unlink(missing_ok=True)  # never leave bad bytes where the next fetch would look
+                raise
+        stats = {name: [(root / name).stat().st_size, (root / name).stat().st_mtime_ns] for name, _ in entries}
+        marker.write_text(json.dumps({"manifest_sha256": digest, "files": stats}))
+    return root
+
+
+def _marker_matches(marker: Path, root: Path, digest: str, entries: list) -> bool:
+    """True when every file was verified before and has not been touched since (no re-hashing GBs)."""
+    try:
+        recorded = json.loads(marker.read_text())
+        if recorded.get("manifest_sha256") != digest:
+            return False
+        for name, meta in entries:
+            stat = (root / name).stat()
+            if [stat.st_size, stat.st_mtime_ns] != recorded["files"][name] or stat.st_size != meta["size"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _verify(path: Path, meta: dict, label: str) -> None:
@@ -308,6 +448,75 @@ def _verify(path: Path, meta: dict, label: str) -> None:
         raise InputError(f"{label}: size {size} does not match the manifest's {meta['size']} (truncated or replaced)")
     if sha256_file(path) != meta["sha256"]:
         raise InputError(f"{label}: SHA-256 does not match the manifest (corrupted or tampered)")
+
+
+def local_copy(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local path for one plain file given as a local path or an s3:// object.
+
+    For data files that are not artifacts, e.g. `--train-data s3://bucket/gsm8k/train.jsonl`:
+    the object is downloaded once into the cache and again only when its size or ETag
+    changes. Directories in S3 are not supported (that would need listing): publish them
+    as an artifact instead.
+    """
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise InputError(f"{uri}: no such file")
+        return path
+    backend, key = open_store(uri)
+    if not key:
+        raise ConfigError(f"{uri}: name an object (s3://bucket/path/file), not a bucket")
+    head = backend.size(key)  # type: ignore[attr-defined]
+    if head is None:
+        raise InputError(f"{uri}: no such object")
+    size, etag = head
+    slot = _cache_base(cache_dir) / "objects" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = slot / PurePosixPath(key).name
+    stamp = slot.parent / f"{slot.name}.json"
+    with _locked(slot.parent / f"{slot.name}.lock"):
+        try:
+            if json.loads(stamp.read_text()) == {"etag": etag, "size": size} and target.stat().st_size == size:
+                return target
+        except (OSError, ValueError):
+            pass
+        backend.download(key, target)
+        if target.stat().st_size != size:
+            raise StorageError(f"{uri}: downloaded {target.stat().st_size} bytes, expected {size}; retry")
+        stamp.write_text(json.dumps({"etag": etag, "size": size}))
+    return target
+
+
+def trace(uri: str) -> list[dict]:
+    """The lineage of a published artifact, depth-first from `uri` itself (depth 0).
+
+    Each artifact input is checked against the manifest version its consumer recorded:
+    status "ok" (still that version), "replaced" (republished since, e.g. by --force) or
+    "missing". Inputs that are not artifacts (a dataset name, say) are listed with their value.
+    """
+    rows: list[dict] = []
+
+    def walk(target: str, expected: str | None, depth: int, via: str | None) -> None:
+        manifest = read_manifest(target)
+        if manifest is None:
+            status = "missing"
+        elif expected is None or manifest_digest(manifest) == expected:
+            status = "ok"
+        else:
+            status = "replaced"
+        manifest = manifest or {}
+        rows.append({"depth": depth, "input": via, "uri": target, "status": status, "phase": manifest.get("phase"),
+                     "created_at": manifest.get("created_at"), "config_hash": manifest.get("config_hash"),
+                     "code_version": manifest.get("code_version")})
+        if status != "ok" or depth > 32:
+            return
+        for name, entry in sorted(manifest.get("inputs", {}).items()):
+            if isinstance(entry, dict) and "uri" in entry:
+                walk(entry["uri"], entry.get("manifest_sha256"), depth + 1, name)
+            else:
+                rows.append({"depth": depth + 1, "input": name, "value": entry})
+
+    walk(uri, None, 0, None)
+    return rows
 
 
 @contextlib.contextmanager

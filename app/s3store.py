@@ -279,7 +279,8 @@ class S3Backend:
             code, _ = _error_code(_root_cause(exc))
             if code in ("NoSuchKey", "404"):
                 return ConfigError(f"access denied to HeadBucket on {self.bucket!r} at {self.endpoint}: the "
-                                   f"credentials lack s3:ListBucket on arn:aws:s3:::{self.bucket}; {PERMISSIONS_HINT}")
+                                   f"credentials lack s3:ListBucket on arn:aws:s3:::{self.bucket} (nothing is "
+                                   "listed, but HeadBucket and 404-for-missing-manifests need it)")
             return self.translate(exc, "read", probe)
         return ConfigError(f"access denied to HeadBucket on {self.bucket!r}; {PERMISSIONS_HINT}")
 
