@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "dpo": "app.phases.dpo",
     "eval": "app.phases.eval",
     "pipeline": "app.phases.pipeline",
+    "merge": "app.phases.merge",
     "bench": "app.bench",
 }
 
@@ -94,18 +95,19 @@ def build_parser(config_cls: type, prog: str, description: str | None = None) ->
     for field in dataclasses.fields(config_cls):
         if not field.init:
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())]
         tp = _unwrap_optional(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else (
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
         help_text = field.metadata.get("help", "")
-        help_text = f"{help_text} [env {env_name(field.name)}; default: {default!r}]"
+        help_text = f"{help_text} [env {env_name(field.name)}; default: {default!r}]".replace("%", "%%")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
             continue
         convert, choices = _converter(tp)
-        parser.add_argument(flag, type=convert, choices=choices, help=help_text, metavar=field.name.upper())
+        parser.add_argument(*flags, dest=field.name, type=convert, choices=choices, help=help_text,
+                            metavar=field.name.upper())
     return parser
 
 
@@ -163,6 +165,9 @@ def parse(argv: list[str], environ: dict[str, str] | None = None):
         raise ConfigError("no command given\n" + usage())
     command, rest = argv[0], argv[1:]
     module = load_command(command)
+    positional = getattr(module, "POSITIONAL", None)  # `bench sft` == `bench --phase sft`
+    if positional and rest and not rest[0].startswith("-"):
+        rest = ["--" + positional.replace("_", "-"), rest[0], *rest[1:]]
     return command, build_config(module.Config, rest, prog=f"python -m app {command}", environ=environ,
                                  description=module.__doc__)
 

@@ -11,11 +11,12 @@ from app.errors import ConfigError
 RUN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-def option(default, help: str, **kwargs):
-    """A config field with its `--help` text; lists get a factory."""
+def option(default, help: str, aliases: tuple[str, ...] = (), **kwargs):
+    """A config field with its `--help` text (and extra flag spellings); lists get a factory."""
+    metadata = {"help": help, "aliases": aliases}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass

@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "dpo_grad_accum": 1,
         "dpo_beta": 0.1,
         "bf16": False,
-        "n_samples": 8,
+        "n_samples": 6,
         "temperature": 1.0,
         "question_batch_size": 64,
     },

@@ -48,7 +48,7 @@ def tiny_config(vocab_size: int, hidden_size: int = 256, layers: int = 4):
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, warmup_steps: int = 300, batch_size: int = 32,
-                     log=print) -> dict:
+                     hidden_size: int = 256, layers: int = 4, log=print) -> dict:
     """Write a warmed-up tiny Llama and tokenizer to `out_dir`; returns what was done."""
     import torch
     from transformers import LlamaForCausalLM
@@ -57,7 +57,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, warmup_steps: int = 300
     out_dir = Path(out_dir)
     corpus = [f"{r['question']}\n{r['answer']}" for r in synthetic_problems(4000, seed=seed + 1000, stream="train")]
     tokenizer = build_tokenizer(corpus)
-    model = LlamaForCausalLM(tiny_config(len(tokenizer)))
+    model = LlamaForCausalLM(tiny_config(len(tokenizer), hidden_size, layers))
 
     losses = _warm_up(model, tokenizer, corpus, warmup_steps, batch_size, seed, log)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -1,0 +1,182 @@
+"""Phase 4, DPO: train the SFT policy on the preference pairs.
+
+    python -m app dpo                                                  # embedded demo
+    torchrun --standalone --nproc_per_node=8 -m app dpo --preset abel-7b \\
+        --store s3://bucket/gsm8k --run-id r1                          # reference case, 8 GPUs
+
+Policy = base + SFT LoRA, trainable. Reference = base + the same SFT LoRA, frozen:
+TRL copies the loaded adapter into a second, frozen adapter named `ref` inside the one
+model, so there is no second 7B copy in memory and the reference is the SFT model, not
+the pre-SFT base. Because policy and reference start identical, the first step's loss
+must be ln 2 = 0.6931 and every reward margin 0; `main` checks this on the logged
+first step and fails loudly if it is not so (a wrong reference would show here first).
+
+Reference-case defaults (`--preset abel-7b`): per-device batch 2, grad accum 2,
+lr 5e-6, beta 0.1, bf16, 1 epoch. Output `<store>/runs/<run-id>/dpo/`: the adapter
+(only the trained `default` adapter, not the frozen copy), tokenizer, metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from app import artifacts
+from app.config import RunConfig, option, require
+from app.errors import InputError
+from app.log import banner, log, log_config
+
+LN2 = math.log(2)
+
+
+@dataclass
+class Config(RunConfig):
+    dpo_epochs: float = option(1.0, "training epochs over the pairs")
+    dpo_learning_rate: float = option(5e-6, "peak learning rate")
+    dpo_batch_size: int = option(2, "pairs per device per step")
+    dpo_grad_accum: int = option(2, "gradient accumulation steps")
+    dpo_beta: float = option(0.1, "DPO beta: how far the policy may move from the reference")
+    max_seq_length: int = option(1024, "longest prompt+completion in tokens")
+    bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
+    pair_types: list[str] = option(["correctness", "quality"], "which pair types to train on, comma-separated")
+    check_step0: bool = option(True, "fail unless the first step's loss is ln 2 and its margins 0")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.dpo_epochs > 0, "--dpo-epochs must be > 0")
+        require(0 < self.dpo_learning_rate < 1, f"--dpo-learning-rate must be in (0, 1), got {self.dpo_learning_rate}")
+        require(self.dpo_batch_size >= 1 and self.dpo_grad_accum >= 1, "--dpo-batch-size and --dpo-grad-accum must be >= 1")
+        require(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
+        require(self.max_seq_length >= 16, "--max-seq-length must be >= 16")
+        bad = [t for t in self.pair_types if t not in ("correctness", "quality")]
+        require(not bad and bool(self.pair_types), f"--pair-types {self.pair_types}: use correctness and/or quality")
+
+
+def main(config: Config) -> dict | None:
+    banner(f"dpo  run={config.run_id}")
+    log_config(config)
+    out_uri = artifacts.phase_uri(config.store, config.run_id, "dpo")
+    artifacts.check_store(config.store)
+    if not config.force and artifacts.is_current(out_uri, config.identity()):
+        log(f"dpo: {out_uri} is already published with this config; nothing to do (--force to redo)")
+        return artifacts.read_manifest(out_uri)
+    started = time.time()
+    prefs_uri = artifacts.phase_uri(config.store, config.run_id, "preferences")
+    sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
+    prefs_dir, prefs_manifest = artifacts.fetch(prefs_uri)
+    pairs = read_pairs(prefs_dir / "preferences.jsonl", config.pair_types)
+    sft_dir, sft_manifest = artifacts.fetch(sft_uri)
+    log(f"pairs: {len(pairs)} ({', '.join(config.pair_types)})")
+
+    from accelerate import PartialState
+
+    from app.models import resolve_base_model
+
+    with PartialState().main_process_first():
+        base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
+    trainer, tokenizer = build_trainer(config, base_path, str(sft_dir), pairs)
+    result = trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    step0 = history[0] if history else {}
+    metrics = {
+        "pairs": len(pairs),
+        "steps": trainer.state.global_step,
+        "train_loss": round(result.training_loss, 4),
+        "step0_loss": step0.get("loss"),
+        "step0_margin": step0.get("rewards/margins"),
+        "last_loss": history[-1].get("loss") if history else None,
+        "last_margin": history[-1].get("rewards/margins") if history else None,
+        "last_accuracy": history[-1].get("rewards/accuracies") if history else None,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+    }
+    log(f"dpo: step-0 loss {metrics['step0_loss']} (ln 2 = {LN2:.4f}), margin {metrics['step0_margin']}; "
+        f"last loss {metrics['last_loss']}, margin {metrics['last_margin']}, accuracy {metrics['last_accuracy']}")
+    if config.check_step0:
+        check_step0(step0)
+    if not trainer.accelerator.is_main_process:
+        return None
+
+    from app.models import record_base_shape
+
+    with artifacts.workdir("dpo") as work:
+        trainer.model.save_pretrained(work, selected_adapters=["default"])
+        tokenizer.save_pretrained(work)
+        record_base_shape(work, trainer.model.get_base_model().config)
+        (work / "metrics.json").write_text(json.dumps({**metrics, "loss_history": history}, indent=2))
+        manifest = artifacts.publish(
+            work, out_uri, phase="dpo", config=config.to_dict(), identity=config.identity(),
+            inputs={"preferences": artifacts.lineage_entry(prefs_uri, prefs_manifest),
+                    "sft": artifacts.lineage_entry(sft_uri, sft_manifest), "base": base_lineage},
+            metrics=metrics, timings={"total_s": round(time.time() - started, 1)}, overwrite=config.force)
+    log(f"dpo: published {out_uri}")
+    return manifest
+
+
+def check_step0(step0: dict, tolerance: float = 0.02) -> None:
+    """Policy and reference are the same model at step 0, so DPO's loss is exactly -log sigmoid(0)."""
+    loss, margin = step0.get("loss"), step0.get("rewards/margins")
+    if loss is None or margin is None:
+        raise RuntimeError("dpo: the first step was not logged; cannot verify the reference model")
+    if abs(loss - LN2) > tolerance or abs(margin) > tolerance:
+        raise RuntimeError(f"dpo: step-0 loss {loss:.4f} / margin {margin:.4f}, expected {LN2:.4f} / 0: the reference "
+                           "model is not the SFT policy")
+
+
+def read_pairs(path, pair_types: list[str]) -> list[dict]:
+    from app.data import read_jsonl
+
+    pairs = []
+    for line_number, row in read_jsonl(path):
+        for field in ("prompt", "chosen", "rejected", "type"):
+            if not isinstance(row.get(field), str):
+                raise InputError(f"{path}:{line_number}: field '{field}' missing or not a string")
+        if row["chosen"] == row["rejected"]:
+            raise InputError(f"{path}:{line_number}: chosen and rejected are the same text")
+        if row["type"] in pair_types:
+            pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    if not pairs:
+        raise InputError(f"{path}: no preference pairs of types {pair_types}; nothing to train on")
+    return pairs
+
+
+def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict]):
+    """TRL DPOTrainer on the SFT PeftModel; TRL adds the frozen `ref` copy of its adapter."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from app.models import check_adapter_matches, load_causal_lm, load_tokenizer
+    from app.phases.sft import _trainer_dir
+
+    check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
+    tokenizer = load_tokenizer(base_path)
+    base = load_causal_lm(base_path, bf16=config.bf16)
+    model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+    on_gpu = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(_trainer_dir("dpo", config)),
+        num_train_epochs=config.dpo_epochs,
+        per_device_train_batch_size=config.dpo_batch_size,
+        gradient_accumulation_steps=config.dpo_grad_accum,
+        learning_rate=config.dpo_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        beta=config.dpo_beta,
+        max_length=config.max_seq_length,
+        logging_steps=1,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        bf16=config.bf16 and on_gpu,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=2 if on_gpu else 0,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
+    return trainer, tokenizer

@@ -1,0 +1,230 @@
+"""Phase 5, eval: GSM8K test accuracy of base, SFT and DPO side by side.
+
+    python -m app eval                                                 # embedded demo
+    python -m app eval --preset abel-7b --store s3://bucket/gsm8k --run-id r1 --platinum
+
+One engine loads the base model once; SFT and DPO are its LoRA adapters, switched per
+request, nothing merged. Decoding is greedy with the `direct` prompt, so the numbers
+are comparable across models and runs. `--platinum` adds GSM8K-Platinum
+(madrylab/gsm8k-platinum), the cleaned test set whose label errors are fixed.
+
+Output `<store>/runs/<run-id>/eval/`:
+    <dataset>/<model>.jsonl   per question: id, question, gold, prediction, answer, correct, ...
+    summary.json              accuracy with a 95% Wilson interval per dataset and model
+    report.md                 the Base -> SFT -> DPO table, with which questions flipped
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from app import artifacts
+from app.config import RunConfig, option, require
+from app.log import banner, log, log_config
+
+MODEL_ORDER = ("base", "sft", "dpo")
+
+
+@dataclass
+class Config(RunConfig):
+    eval_data: str = option("synthetic-test:200", "test problems: hf:openai/gsm8k (test split), synthetic-test:N, JSONL")
+    platinum: bool = option(False, "also evaluate on GSM8K-Platinum (hf:madrylab/gsm8k-platinum)")
+    models: list[str] = option(list(MODEL_ORDER), "which models to evaluate: base, sft, dpo (comma-separated)")
+    eval_limit: int = option(0, "evaluate only the first N questions of each dataset (0 = all)")
+    prompt_format: str = option("abel", "prompt format: abel, plain or chat")
+    max_new_tokens: int = option(512, "longest answer in tokens")
+    question_batch_size: int = option(64, "questions per generation batch")
+    backend: str = option("auto", "generation backend: auto (vLLM if importable), vllm or hf")
+    bf16: bool = option(True, "generate in bf16 on GPUs")
+    num_shards: int = option(1, "split the questions into this many shards (one per Indexed Job pod)")
+    shard_index: int = option(None, "which shard this process runs (default: $JOB_COMPLETION_INDEX or 0)")
+
+    def __post_init__(self):
+        if self.shard_index is None:
+            self.shard_index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [m for m in self.models if m not in MODEL_ORDER]
+        require(not bad and bool(self.models), f"--models {self.models}: choose from {', '.join(MODEL_ORDER)}")
+        require(self.eval_limit >= 0, "--eval-limit must be >= 0")
+        require(self.max_new_tokens >= 1 and self.question_batch_size >= 1,
+                "--max-new-tokens and --question-batch-size must be >= 1")
+        require(self.backend in ("auto", "hf", "vllm"), f"--backend {self.backend!r}: use auto, hf or vllm")
+        require(self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
+                f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
+
+    def datasets(self) -> dict[str, str]:
+        named = {dataset_name(self.eval_data): self.eval_data}
+        if self.platinum:
+            named["gsm8k-platinum"] = "hf:madrylab/gsm8k-platinum"
+        return named
+
+    def identity(self) -> dict:
+        values = super().identity()
+        values.pop("question_batch_size")
+        return values
+
+
+def dataset_name(spec: str) -> str:
+    if spec.startswith("hf:"):
+        return spec[3:].split("/")[-1]
+    if spec.startswith("synthetic"):
+        return spec.split(":")[0]
+    return os.path.splitext(os.path.basename(spec))[0] or "data"
+
+
+def output_uri(config: Config) -> str:
+    uri = artifacts.phase_uri(config.store, config.run_id, "eval")
+    if config.num_shards > 1:
+        from app.shards import shard_uri
+
+        return shard_uri(uri, config.shard_index)
+    return uri
+
+
+def main(config: Config) -> dict | None:
+    banner(f"eval  run={config.run_id}  shard={config.shard_index}/{config.num_shards}")
+    log_config(config)
+    out_uri = output_uri(config)
+    artifacts.check_store(config.store)
+    if not config.force and artifacts.is_current(out_uri, config.identity()):
+        log(f"eval: {out_uri} is already published with this config; nothing to do (--force to redo)")
+        return artifacts.read_manifest(out_uri)
+    started = time.time()
+
+    adapters, inputs = {}, {}
+    for name in ("sft", "dpo"):
+        if name in config.models:
+            uri = artifacts.phase_uri(config.store, config.run_id, name)
+            path, manifest = artifacts.fetch(uri)
+            adapters[name], inputs[name] = str(path), artifacts.lineage_entry(uri, manifest)
+
+    from app.data import load_problems
+    from app.shards import shard_slice
+
+    datasets = {}
+    for name, spec in config.datasets().items():
+        problems, report = load_problems(spec, split="test", limit=config.eval_limit or None, seed=config.seed)
+        datasets[name] = shard_slice(problems, config.shard_index, config.num_shards)
+        log(f"data {name}: {report.line()}; this shard evaluates {len(datasets[name])}")
+
+    from app.models import resolve_base_model
+
+    base_path, inputs["base"] = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
+    records, stats = generate_answers(config, base_path, adapters, datasets)
+
+    from app.data import write_jsonl
+
+    with artifacts.workdir("eval") as work:
+        for (dataset, model), rows in records.items():
+            (work / dataset).mkdir(exist_ok=True)
+            write_jsonl(work / dataset / f"{model}.jsonl", rows)
+        summary = summarize(records)
+        summary["throughput"] = stats
+        report = render_report(summary, records, config.run_id)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+        (work / "report.md").write_text(report)
+        manifest = artifacts.publish(work, out_uri, phase="eval", config=config.to_dict(), identity=config.identity(),
+                                     inputs=inputs, metrics={k: v for k, v in summary.items() if k != "throughput"},
+                                     timings={"total_s": round(time.time() - started, 1), "generation": stats},
+                                     overwrite=config.force)
+    for line in report.splitlines():
+        log(line)
+    log(f"eval: published {out_uri}")
+    return manifest
+
+
+def generate_answers(config: Config, base_path: str, adapters: dict, datasets: dict) -> tuple[dict, dict]:
+    from transformers import AutoConfig
+
+    from app.generation import Sampling, make_generator
+    from app.models import check_adapter_matches, load_tokenizer
+    from app.prompts import build_prompt
+    from app.rewards import answers_match, extract_answer
+
+    base_config = AutoConfig.from_pretrained(base_path)
+    for name, path in adapters.items():
+        check_adapter_matches(path, base_config, f"{name} adapter")
+    tokenizer = load_tokenizer(base_path)
+    generator = make_generator(config.backend, base_path, adapters, bf16=config.bf16,
+                               batch_size=config.question_batch_size, max_model_len=config.max_new_tokens + 512,
+                               seed=config.seed)
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens, seed=config.seed)
+    records: dict[tuple[str, str], list[dict]] = {}
+    try:
+        for dataset, problems in datasets.items():
+            prompts = [build_prompt(p.question, "direct", config.prompt_format, tokenizer) for p in problems]
+            for model in [m for m in MODEL_ORDER if m in config.models]:
+                outputs = generator.generate(prompts, sampling, adapter=None if model == "base" else model,
+                                             desc=f"eval/{dataset}/{model}")
+                rows = []
+                for problem, (completion,) in zip(problems, outputs):
+                    answer = extract_answer(completion.text)
+                    rows.append({"id": problem.id, "question": problem.question, "gold": problem.gold,
+                                 "prediction": completion.text, "answer": answer,
+                                 "correct": (not completion.truncated) and answers_match(answer, problem.gold),
+                                 "num_tokens": completion.num_tokens, "truncated": completion.truncated})
+                records[(dataset, model)] = rows
+                accuracy = sum(r["correct"] for r in rows) / max(1, len(rows))
+                log(f"eval {dataset}/{model}: {accuracy:.1%} of {len(rows)}")
+        log(generator.stats.line(generator.name))
+        return records, {"backend": generator.name, **generator.stats.to_dict()}
+    finally:
+        generator.close()
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval: sensible at 0%, 100% and small n, unlike the normal approximation."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(records: dict) -> dict:
+    results: dict[str, dict] = {}
+    for (dataset, model), rows in records.items():
+        correct = sum(r["correct"] for r in rows)
+        low, high = wilson_interval(correct, len(rows))
+        results.setdefault(dataset, {})[model] = {
+            "accuracy": round(correct / max(1, len(rows)), 4), "correct": correct, "total": len(rows),
+            "ci95": [round(low, 4), round(high, 4)], "truncated": sum(r["truncated"] for r in rows)}
+    return {"results": results}
+
+
+def _flips(before: list[dict], after: list[dict]) -> tuple[int, int]:
+    fixed = sum((not b["correct"]) and a["correct"] for b, a in zip(before, after))
+    broken = sum(b["correct"] and not a["correct"] for b, a in zip(before, after))
+    return fixed, broken
+
+
+def render_report(summary: dict, records: dict, run_id: str) -> str:
+    lines = [f"# Evaluation, run `{run_id}`", ""]
+    for dataset, by_model in summary["results"].items():
+        models = [m for m in MODEL_ORDER if m in by_model]
+        lines += [f"## {dataset}", "", "| model | accuracy | 95% CI | correct / total | vs previous |",
+                  "|---|---|---|---|---|"]
+        previous = None
+        for model in models:
+            r = by_model[model]
+            delta = ""
+            if previous is not None:
+                change = (r["accuracy"] - by_model[previous]["accuracy"]) * 100
+                fixed, broken = _flips(records[(dataset, previous)], records[(dataset, model)])
+                delta = f"{change:+.1f} pts ({fixed} fixed, {broken} broken)"
+            lines.append(f"| {model} | {r['accuracy']:.1%} | {r['ci95'][0]:.1%} to {r['ci95'][1]:.1%} | "
+                         f"{r['correct']} / {r['total']} | {delta} |")
+            previous = model
+        lines.append("")
+        lines.append(" -> ".join(f"{m.upper() if m != 'base' else 'Base'} {by_model[m]['accuracy']:.1%}"
+                                 for m in models))
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The whole pipeline in one process: sft -> rollouts -> preferences -> dpo -> eval.
+
+    python -m app pipeline                          # embedded demo: tiny model, CPU, a few minutes
+    python -m app pipeline --run-id try2 --from dpo # resume a run at DPO (earlier phases must exist)
+    python -m app pipeline --preset abel-7b --store s3://bucket/gsm8k --run-id r1   # one GPU box
+
+Every flag of every phase is accepted here and handed to the phases that have it.
+Each phase publishes its artifact before the next starts, and a phase already
+published with the same config and inputs is skipped, so rerunning after a crash
+picks up where it stopped. On a cluster the same phases run as one Kubernetes Job
+each (k8s/, scripts/chain.py); this command is for one machine and for debugging.
+At the end it prints the Base -> SFT -> DPO table and writes `<store>/runs/<run-id>/report.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+import typing
+
+from app import artifacts
+from app.config import RunConfig, option, require
+from app.log import banner, log
+
+PIPELINE_PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
+PHASE_MODULES = {name: f"app.phases.{name}" for name in PIPELINE_PHASES}
+
+
+def _phase_config_classes() -> dict[str, type]:
+    return {name: importlib.import_module(module).Config for name, module in PHASE_MODULES.items()}
+
+
+def _union_fields() -> list[tuple]:
+    """Every phase's fields once (the first definition wins), for the pipeline's own flags."""
+    # One process runs every phase, so the Indexed-Job sharding flags have no meaning here.
+    base_names = {f.name for f in dataclasses.fields(RunConfig)} | {"num_shards", "shard_index"}
+    seen: dict[str, tuple] = {}
+    for cls in _phase_config_classes().values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in base_names or f.name in seen:
+                continue
+            kwargs = {"metadata": f.metadata}
+            if f.default_factory is not dataclasses.MISSING:
+                kwargs["default_factory"] = f.default_factory
+            else:
+                kwargs["default"] = f.default
+            seen[f.name] = (f.name, hints[f.name], dataclasses.field(**kwargs))
+    return list(seen.values())
+
+
+_PipelineFields = dataclasses.make_dataclass("_PipelineFields", _union_fields(), bases=(RunConfig,))
+
+
+@dataclasses.dataclass
+class Config(_PipelineFields):
+    from_phase: str = option("sft", "first phase to run (earlier ones must already be published)", aliases=("--from",))
+    to_phase: str = option("eval", "last phase to run", aliases=("--to",))
+
+    def validate(self) -> None:
+        RunConfig.validate(self)
+        require(self.from_phase in PIPELINE_PHASES, f"--from-phase {self.from_phase!r}: choose from {PIPELINE_PHASES}")
+        require(self.to_phase in PIPELINE_PHASES, f"--to-phase {self.to_phase!r}: choose from {PIPELINE_PHASES}")
+        require(PIPELINE_PHASES.index(self.from_phase) <= PIPELINE_PHASES.index(self.to_phase),
+                "--from-phase comes after --to-phase")
+        for config in self.phase_configs().values():
+            config.validate()
+
+    def phases(self) -> list[str]:
+        return list(PIPELINE_PHASES[PIPELINE_PHASES.index(self.from_phase): PIPELINE_PHASES.index(self.to_phase) + 1])
+
+    def phase_configs(self) -> dict[str, RunConfig]:
+        values = dataclasses.asdict(self)
+        out = {}
+        for name, cls in _phase_config_classes().items():
+            names = {f.name for f in dataclasses.fields(cls) if f.init}
+            out[name] = cls(**{k: v for k, v in values.items() if k in names})
+        return out
+
+
+def main(config: Config) -> dict:
+    banner(f"pipeline  run={config.run_id}  store={config.store}  phases={' -> '.join(config.phases())}")
+    artifacts.check_store(config.store)
+    configs = config.phase_configs()
+    timings: dict[str, dict] = {}
+    started = time.time()
+    for name in config.phases():
+        phase_started = time.time()
+        uri = artifacts.phase_uri(config.store, config.run_id, name)
+        skipped = not config.force and artifacts.is_current(uri, configs[name].identity())
+        importlib.import_module(PHASE_MODULES[name]).main(configs[name])
+        timings[name] = {"seconds": round(time.time() - phase_started, 1), "skipped": skipped}
+    report = run_report(config, timings, time.time() - started)
+    backend, prefix = artifacts.open_store(config.store)
+    backend.write_bytes(artifacts.join(prefix, "runs", config.run_id, "report.md") if prefix
+                        else f"runs/{config.run_id}/report.md", report.encode())
+    banner("run report")
+    for line in report.splitlines():
+        log(line)
+    return {"timings": timings, "report": report}
+
+
+def run_report(config: Config, timings: dict, total_seconds: float) -> str:
+    """One page: what each phase did, how long it took, and the accuracy table."""
+    lines = [f"# Run `{config.run_id}`", "", f"Store: `{config.store}`  preset: `{config.preset}`  "
+             f"base model: `{config.base_model}`", "", "| phase | status | time | key numbers |", "|---|---|---|---|"]
+    for name in PIPELINE_PHASES:
+        manifest = artifacts.read_manifest(artifacts.phase_uri(config.store, config.run_id, name))
+        if manifest is None:
+            lines.append(f"| {name} | not published | | |")
+            continue
+        timing = timings.get(name)
+        status = "skipped (already published)" if timing and timing["skipped"] else ("ran" if timing else "earlier run")
+        seconds = f"{timing['seconds']:.0f}s" if timing and not timing["skipped"] else \
+            f"{manifest.get('timings', {}).get('total_s', 0):.0f}s (then)"
+        lines.append(f"| {name} | {status} | {seconds} | {_key_numbers(name, manifest.get('metrics', {}))} |")
+    lines += ["", f"Total wall time this invocation: {total_seconds:.0f}s", ""]
+    eval_uri = artifacts.phase_uri(config.store, config.run_id, "eval")
+    if artifacts.read_manifest(eval_uri) is not None:
+        path, _ = artifacts.fetch(eval_uri)
+        lines.append((path / "report.md").read_text())
+    return "\n".join(lines)
+
+
+def _key_numbers(name: str, metrics: dict) -> str:
+    if name == "sft":
+        return f"loss {metrics.get('first_logged_loss')} -> {metrics.get('last_logged_loss')}, {metrics.get('steps')} steps"
+    if name == "rollouts":
+        return (f"{metrics.get('trajectories')} trajectories, accuracy {metrics.get('accuracy')}, "
+                f"mean reward {metrics.get('mean_reward')}")
+    if name == "preferences":
+        by_type = metrics.get("by_type", {})
+        return f"{metrics.get('pairs')} pairs ({by_type.get('correctness')} correctness, {by_type.get('quality')} quality)"
+    if name == "dpo":
+        return (f"step-0 loss {metrics.get('step0_loss')}, last loss {metrics.get('last_loss')}, "
+                f"margin {metrics.get('last_margin')}")
+    if name == "eval":
+        parts = []
+        for dataset, by_model in metrics.get("results", {}).items():
+            parts.append(f"{dataset}: " + " -> ".join(f"{m} {r['accuracy']:.1%}" for m, r in by_model.items()))
+        return "; ".join(parts)
+    return ""

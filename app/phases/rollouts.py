@@ -1,0 +1,200 @@
+"""Phase 2, rollouts: sample several trajectories per question from the SFT policy and score them.
+
+    python -m app rollouts                                             # embedded demo
+    python -m app rollouts --preset abel-7b --store s3://bucket/gsm8k --run-id r1 \\
+        --n-samples 8 --question-batch-size 256                        # one pod, all its GPUs
+    # N pods of an Indexed Job: each takes shard JOB_COMPLETION_INDEX of N, then
+    python -m app merge --phase rollouts --num-shards N ...            # combine the shards
+
+The policy is base + SFT adapter, served unmerged. Each question is asked under the
+prompt variants (direct, reflective, deliberative); `--n-samples` trajectories per
+question are spread evenly over them (or set `--samples-per-variant`). Each trajectory
+is scored: `correct` (extracted answer vs gold), reasoning `quality` (are its written
+equations right, does it show steps), a `length_penalty`, and the composite `reward`.
+A trajectory cut off by `--max-new-tokens` is kept but marked `truncated` and never
+counted correct.
+
+Output `rollouts.jsonl`: one line per question, in question order:
+    {"id", "question", "gold", "trajectories": [{"variant", "prompt", "full_text", "answer",
+     "num_tokens", "truncated", "correct", "quality", "length_penalty", "reward"}, ...]}
+plus `summary.json` (accuracy by variant, reward statistics, throughput).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from app import artifacts
+from app.config import RunConfig, option, require
+from app.log import banner, log, log_config
+
+
+def _default_shard_index() -> int:
+    return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+
+
+@dataclass
+class Config(RunConfig):
+    rollout_data: str = option("synthetic:160", "questions to roll out: hf:openai/gsm8k (train), synthetic:N, or JSONL")
+    rollout_limit: int = option(0, "use only the first N questions (0 = all)")
+    prompt_format: str = option("abel", "prompt format: abel, plain or chat")
+    variants: list[str] = option(["direct", "reflective", "deliberative"], "prompt variants, comma-separated")
+    n_samples: int = option(8, "trajectories per question, spread evenly over the variants")
+    samples_per_variant: int = option(0, "trajectories per variant (overrides --n-samples when > 0)")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling top-p")
+    max_new_tokens: int = option(512, "longest trajectory in tokens; longer ones are marked truncated")
+    question_batch_size: int = option(64, "questions per generation batch (bounds memory; lower it on OOM)")
+    backend: str = option("auto", "generation backend: auto (vLLM if importable), vllm or hf")
+    bf16: bool = option(True, "generate in bf16 on GPUs")
+    quality_weight: float = option(0.5, "reward weight of reasoning quality")
+    length_weight: float = option(0.2, "reward weight of the length penalty")
+    target_tokens: int = option(200, "trajectories up to this length get no length penalty")
+    num_shards: int = option(1, "split the questions into this many shards (one per Indexed Job pod)")
+    shard_index: int = option(None, "which shard this process runs (default: $JOB_COMPLETION_INDEX or 0)")
+
+    def __post_init__(self):
+        if self.shard_index is None:
+            self.shard_index = _default_shard_index()
+
+    def validate(self) -> None:
+        super().validate()
+        from app.prompts import VARIANTS
+
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        require(not unknown, f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        require(bool(self.variants), "--variants must name at least one variant")
+        require(self.samples_per_variant >= 0, "--samples-per-variant must be >= 0")
+        require(self.samples_per_variant > 0 or self.n_samples >= len(self.variants),
+                f"--n-samples {self.n_samples} must be >= the number of variants ({len(self.variants)})")
+        require(0 <= self.temperature <= 5, f"--temperature must be in [0, 5], got {self.temperature}")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        require(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
+        require(self.question_batch_size >= 1, "--question-batch-size must be >= 1")
+        require(self.backend in ("auto", "hf", "vllm"), f"--backend {self.backend!r}: use auto, hf or vllm")
+        require(self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
+                f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
+        require(self.rollout_limit >= 0, "--rollout-limit must be >= 0")
+
+    def per_variant(self) -> int:
+        return self.samples_per_variant or max(1, self.n_samples // len(self.variants))
+
+    def identity(self) -> dict:
+        values = super().identity()
+        values.pop("question_batch_size")  # how we batch does not change what is sampled
+        return values
+
+
+def output_uri(config: Config) -> str:
+    uri = artifacts.phase_uri(config.store, config.run_id, "rollouts")
+    if config.num_shards > 1:
+        from app.shards import shard_uri
+
+        return shard_uri(uri, config.shard_index)
+    return uri
+
+
+def main(config: Config) -> dict | None:
+    banner(f"rollouts  run={config.run_id}  shard={config.shard_index}/{config.num_shards}")
+    log_config(config)
+    out_uri = output_uri(config)
+    artifacts.check_store(config.store)
+    if not config.force and artifacts.is_current(out_uri, config.identity()):
+        log(f"rollouts: {out_uri} is already published with this config; nothing to do (--force to redo)")
+        return artifacts.read_manifest(out_uri)
+    sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
+    sft_dir, sft_manifest = artifacts.fetch(sft_uri)
+
+    from app.data import load_problems
+    from app.shards import shard_slice
+
+    started = time.time()
+    problems, report = load_problems(config.rollout_data, split="train", limit=config.rollout_limit or None,
+                                     seed=config.seed)
+    problems = shard_slice(problems, config.shard_index, config.num_shards)
+    log(f"data: {report.line()}; this shard rolls out {len(problems)} questions "
+        f"x {len(config.variants)} variants x {config.per_variant()} samples")
+
+    from app.models import resolve_base_model
+
+    base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
+    records, stats_line, stats = generate_and_score(config, base_path, str(sft_dir), problems)
+    log(stats_line)
+
+    summary = summarize(records)
+    summary["throughput"] = stats
+    log("rollouts: " + ", ".join(f"{k} {v}" for k, v in summary["accuracy_by_variant"].items())
+        + f"; mean reward {summary['mean_reward']}; truncated {summary['truncated']}")
+
+    from app.data import write_jsonl
+
+    with artifacts.workdir("rollouts") as work:
+        write_jsonl(work / "rollouts.jsonl", records)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+        manifest = artifacts.publish(
+            work, out_uri, phase="rollouts", config=config.to_dict(), identity=config.identity(),
+            inputs={"sft": artifacts.lineage_entry(sft_uri, sft_manifest), "base": base_lineage,
+                    "rollout_data": {"spec": config.rollout_data}},
+            metrics={k: v for k, v in summary.items() if k != "throughput"},
+            timings={"total_s": round(time.time() - started, 1), "generation": stats}, overwrite=config.force)
+    log(f"rollouts: published {out_uri}")
+    return manifest
+
+
+def generate_and_score(config: Config, base_path: str, sft_dir: str, problems) -> tuple[list[dict], str, dict]:
+    from app.generation import Sampling, make_generator
+    from app.models import check_adapter_matches, load_tokenizer
+    from app.prompts import build_prompt
+    from app.rewards import RewardWeights, score_trajectory
+
+    tokenizer = load_tokenizer(base_path)
+    from transformers import AutoConfig
+
+    check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
+    generator = make_generator(config.backend, base_path, {"sft": sft_dir}, bf16=config.bf16,
+                               batch_size=config.question_batch_size * config.per_variant(),
+                               max_model_len=config.max_new_tokens + 512, seed=config.seed)
+    weights = RewardWeights(quality=config.quality_weight, length=config.length_weight,
+                            target_tokens=config.target_tokens)
+    records = [{"id": p.id, "question": p.question, "gold": p.gold, "trajectories": []} for p in problems]
+    try:
+        for v_index, variant in enumerate(config.variants):
+            prompts = [build_prompt(p.question, variant, config.prompt_format, tokenizer) for p in problems]
+            sampling = Sampling(n=config.per_variant(), temperature=config.temperature, top_p=config.top_p,
+                                max_new_tokens=config.max_new_tokens, seed=config.seed * 1000 + v_index)
+            outputs = generator.generate(prompts, sampling, adapter="sft", desc=f"rollouts/{variant}")
+            for record, prompt, completions, problem in zip(records, prompts, outputs, problems):
+                for completion in completions:
+                    score = score_trajectory(completion.text, problem.gold, completion.num_tokens,
+                                             config.max_new_tokens, completion.truncated, weights)
+                    record["trajectories"].append({
+                        "variant": variant, "prompt": prompt, "full_text": completion.text,
+                        "answer": score.answer, "num_tokens": completion.num_tokens,
+                        "truncated": completion.truncated, "correct": score.correct, "quality": score.quality,
+                        "length_penalty": score.length_penalty, "reward": score.reward})
+        return records, generator.stats.line(generator.name), {"backend": generator.name, **generator.stats.to_dict()}
+    finally:
+        generator.close()
+
+
+def summarize(records: list[dict]) -> dict:
+    trajectories = [t for r in records for t in r["trajectories"]]
+    by_variant: dict[str, list[bool]] = {}
+    for t in trajectories:
+        by_variant.setdefault(t["variant"], []).append(t["correct"])
+    rewards = [t["reward"] for t in trajectories]
+    return {
+        "questions": len(records),
+        "trajectories": len(trajectories),
+        "accuracy": round(sum(t["correct"] for t in trajectories) / max(1, len(trajectories)), 4),
+        "accuracy_by_variant": {k: round(sum(v) / len(v), 4) for k, v in by_variant.items()},
+        "questions_with_a_correct_trajectory": sum(any(t["correct"] for t in r["trajectories"]) for r in records),
+        "questions_all_correct": sum(bool(r["trajectories"]) and all(t["correct"] for t in r["trajectories"])
+                                     for r in records),
+        "mean_reward": round(sum(rewards) / max(1, len(rewards)), 4),
+        "truncated": sum(t["truncated"] for t in trajectories),
+        "mean_tokens": round(sum(t["num_tokens"] for t in trajectories) / max(1, len(trajectories)), 1),
+    }

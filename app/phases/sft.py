@@ -1,0 +1,166 @@
+"""Phase 1, SFT: LoRA fine-tune the base model on GSM8K train with tutoring-style prompts.
+
+    python -m app sft                                                  # embedded demo: tiny model, CPU
+    python -m app sft --preset abel-7b --store s3://bucket/gsm8k --run-id r1             # one GPU
+    torchrun --standalone --nproc_per_node=8 -m app sft --preset abel-7b \\
+        --store s3://bucket/gsm8k --run-id r1                                            # 8 GPUs
+
+Reads `--train-data` (default for abel-7b: hf:openai/gsm8k, train split) and the base
+model; writes `<store>/runs/<run-id>/sft/`: a PEFT adapter (`adapter_config.json`,
+`adapter_model.safetensors`), the tokenizer, `base_model_shape.json`, `metrics.json`.
+
+Choices:
+- Prompt-completion data, loss on the completion only: the model is taught to answer,
+  not to repeat the question. The completion is GSM8K's solution without calculator
+  annotations, ending in `#### <number>` (what the answer extractor reads) and EOS.
+- LoRA r=16 on every linear layer of the attention and MLP blocks; the base stays
+  frozen in bf16, so the 7B model trains on one 80 GB GPU with no gradient checkpointing.
+- TRL's SFTTrainer does the loop (DDP under torchrun); only rank 0 publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from app import artifacts
+from app.config import RunConfig, option, require
+from app.log import banner, log, log_config
+
+
+@dataclass
+class Config(RunConfig):
+    train_data: str = option("synthetic:1200", "training problems: hf:openai/gsm8k, synthetic:N, or a JSONL path/URI")
+    train_limit: int = option(0, "use only the first N training problems (0 = all)")
+    prompt_format: str = option("abel", "prompt format: abel, plain or chat")
+    sft_epochs: float = option(2.0, "training epochs")
+    sft_learning_rate: float = option(2e-4, "peak learning rate (cosine decay, 3% warm-up)")
+    sft_batch_size: int = option(16, "sequences per device per step")
+    sft_grad_accum: int = option(1, "gradient accumulation steps")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    max_seq_length: int = option(1024, "longest prompt+completion in tokens; longer rows are truncated")
+    bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
+    max_reject_rate: float = option(0.01, "fail if more than this share of training rows is unusable")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.sft_epochs > 0, f"--sft-epochs must be > 0, got {self.sft_epochs}")
+        require(0 < self.sft_learning_rate < 1, f"--sft-learning-rate must be in (0, 1), got {self.sft_learning_rate}")
+        require(self.sft_batch_size >= 1 and self.sft_grad_accum >= 1, "--sft-batch-size and --sft-grad-accum must be >= 1")
+        require(self.lora_r >= 1 and self.lora_alpha >= 1, "--lora-r and --lora-alpha must be >= 1")
+        require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        require(self.max_seq_length >= 16, f"--max-seq-length must be >= 16, got {self.max_seq_length}")
+        require(self.train_limit >= 0, "--train-limit must be >= 0")
+        require(0 <= self.max_reject_rate <= 1, "--max-reject-rate must be in [0, 1]")
+        require(self.prompt_format in ("abel", "plain", "chat"), f"--prompt-format {self.prompt_format!r}: use abel, plain or chat")
+
+
+def main(config: Config) -> dict | None:
+    banner(f"sft  run={config.run_id}")
+    log_config(config)
+    out_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
+    artifacts.check_store(config.store)
+    if not config.force and artifacts.is_current(out_uri, config.identity()):
+        log(f"sft: {out_uri} is already published with this config; nothing to do (--force to redo)")
+        return artifacts.read_manifest(out_uri)
+
+    started = time.time()
+    from app.data import load_problems
+
+    problems, report = load_problems(config.train_data, split="train", limit=config.train_limit or None,
+                                     max_reject_rate=config.max_reject_rate, seed=config.seed)
+    log(f"data: {report.line()}; training on {len(problems)}")
+
+    from accelerate import PartialState
+
+    from app.models import resolve_base_model
+
+    with PartialState().main_process_first():
+        base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
+    log(f"base model: {base_path}")
+
+    trainer, tokenizer = build_trainer(config, base_path, problems)
+    log(f"training: {len(problems)} examples x {config.sft_epochs} epochs, "
+        f"batch {config.sft_batch_size} x accum {config.sft_grad_accum} x {trainer.args.world_size} processes")
+    result = trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "train_loss": round(result.training_loss, 4),
+        "first_logged_loss": history[0]["loss"] if history else None,
+        "last_logged_loss": history[-1]["loss"] if history else None,
+        "steps": trainer.state.global_step,
+        "examples": len(problems),
+        "rejected_rows": report.rejected,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+    }
+    if not trainer.accelerator.is_main_process:
+        return None
+
+    from app.models import record_base_shape
+
+    with artifacts.workdir("sft") as work:
+        trainer.model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        record_base_shape(work, trainer.model.get_base_model().config)
+        (work / "metrics.json").write_text(json.dumps({**metrics, "loss_history": history}, indent=2))
+        manifest = artifacts.publish(work, out_uri, phase="sft", config=config.to_dict(), identity=config.identity(),
+                                     inputs={"base": base_lineage, "train_data": {"spec": config.train_data}},
+                                     metrics=metrics, timings={"total_s": round(time.time() - started, 1)},
+                                     overwrite=config.force)
+    log(f"sft: loss {metrics['first_logged_loss']} -> {metrics['last_logged_loss']}; published {out_uri}")
+    return manifest
+
+
+def build_trainer(config: Config, base_path: str, problems):
+    """TRL SFTTrainer over prompt-completion pairs, LoRA on all linear layers."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from app.models import load_causal_lm, load_tokenizer, lora_config
+    from app.prompts import build_prompt, sft_target
+
+    tokenizer = load_tokenizer(base_path)
+    model = load_causal_lm(base_path, bf16=config.bf16)
+    rows = [{"prompt": build_prompt(p.question, "direct", config.prompt_format, tokenizer),
+             "completion": sft_target(p.answer)} for p in problems]
+    dataset = Dataset.from_list(rows)
+    on_gpu = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(_trainer_dir("sft", config)),
+        num_train_epochs=config.sft_epochs,
+        per_device_train_batch_size=config.sft_batch_size,
+        gradient_accumulation_steps=config.sft_grad_accum,
+        learning_rate=config.sft_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        logging_steps=1 if len(rows) < 5000 else 10,
+        save_strategy="no",
+        report_to="none",
+        bf16=config.bf16 and on_gpu,
+        use_cpu=not on_gpu,
+        max_length=config.max_seq_length,
+        completion_only_loss=True,
+        gradient_checkpointing=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=2 if on_gpu else 0,
+        disable_tqdm=False,
+        logging_first_step=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout))
+    return trainer, tokenizer
+
+
+def _trainer_dir(phase: str, config: RunConfig):
+    import os
+    import tempfile
+    from pathlib import Path
+
+    root = Path(os.environ.get("PIPELINE_WORKDIR", tempfile.gettempdir())) / f"{phase}-trainer-{config.run_id}"
+    root.mkdir(parents=True, exist_ok=True)
+    return root

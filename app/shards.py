@@ -1,0 +1,41 @@
+"""Splitting a phase's questions over the pods of an Indexed Job, and joining the results.
+
+Shard i of N takes a contiguous block of the questions (so concatenating the shards
+in index order restores question order) and publishes its own artifact at
+`<phase>/shards/<i>/` with its own manifest. The merge step reads exactly the N
+manifests it was told to expect, never a listing, and publishes the phase artifact.
+"""
+
+from __future__ import annotations
+
+from app import artifacts
+from app.errors import InputError
+
+
+def shard_bounds(total: int, index: int, num_shards: int) -> tuple[int, int]:
+    """[start, end) of shard `index`; sizes differ by at most one."""
+    base, extra = divmod(total, num_shards)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def shard_slice(items: list, index: int, num_shards: int) -> list:
+    start, end = shard_bounds(len(items), index, num_shards)
+    return items[start:end]
+
+
+def shard_uri(phase_uri: str, index: int) -> str:
+    return artifacts.join(phase_uri, "shards", f"{index:05d}")
+
+
+def fetch_shards(phase_uri: str, num_shards: int) -> list[tuple]:
+    """[(local dir, manifest, uri)] for every shard, or an error naming the ones missing."""
+    missing = [i for i in range(num_shards) if artifacts.read_manifest(shard_uri(phase_uri, i)) is None]
+    if missing:
+        raise InputError(f"{phase_uri}: shards {missing} of {num_shards} are not published yet")
+    out = []
+    for i in range(num_shards):
+        uri = shard_uri(phase_uri, i)
+        path, manifest = artifacts.fetch(uri)
+        out.append((path, manifest, uri))
+    return out

@@ -1,0 +1,85 @@
+"""The command line: one precedence for every value, clear errors, --help everywhere."""
+
+import subprocess
+import sys
+
+import pytest
+
+from app.cli import COMMANDS, build_config, main, parse
+from app.errors import ConfigError
+from app.phases import sft
+
+
+def test_precedence_flag_over_env_over_preset_over_default():
+    env = {"PIPELINE_SFT_EPOCHS": "5", "PIPELINE_LORA_R": "4"}
+    config = build_config(sft.Config, ["--lora-r", "8", "--preset", "abel-7b"], environ=env)
+    assert config.lora_r == 8  # flag beats env
+    assert config.sft_epochs == 5.0  # env beats preset (abel-7b says 3)
+    assert config.base_model == "GAIR/Abel-7B-002"  # preset beats default
+    assert config.lora_dropout == 0.05  # default
+
+
+def test_env_selects_the_preset():
+    config = build_config(sft.Config, [], environ={"PIPELINE_PRESET": "abel-7b"})
+    assert config.bf16 is True and config.train_data == "hf:openai/gsm8k"
+
+
+def test_booleans_and_lists_from_env_and_flags():
+    _, config = parse(["rollouts", "--variants", "direct,reflective", "--no-bf16"], environ={})
+    assert config.variants == ["direct", "reflective"] and config.bf16 is False
+    _, config = parse(["eval"], environ={"PIPELINE_PLATINUM": "yes", "PIPELINE_MODELS": "sft,dpo"})
+    assert config.platinum is True and config.models == ["sft", "dpo"]
+
+
+def test_shard_index_defaults_to_job_completion_index(monkeypatch):
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    _, config = parse(["rollouts", "--num-shards", "4"], environ={})
+    assert config.shard_index == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sft", "--sft-epochs", "0"], "--sft-epochs"),
+    (["sft", "--run-id", "Bad_ID"], "--run-id"),
+    (["sft", "--preset", "huge"], "unknown preset"),
+    (["rollouts", "--variants", "direct,sideways"], "unknown"),
+    (["rollouts", "--num-shards", "2", "--shard-index", "2"], "--shard-index"),
+    (["preferences", "--quality-threshold", "-1"], "--quality-threshold"),
+    (["dpo", "--dpo-beta", "0"], "--dpo-beta"),
+    (["eval", "--models", "base,gpt"], "--models"),
+    (["pipeline", "--from", "dpo", "--to", "sft"], "after"),
+    (["nonsense"], "unknown command"),
+])
+def test_bad_values_are_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(argv, environ={})
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(ConfigError, match="PIPELINE_SFT_EPOCHS"):
+        parse(["sft"], environ={"PIPELINE_SFT_EPOCHS": "many"})
+
+
+def test_exit_codes(capsys):
+    assert main(["sft", "--sft-epochs", "0"]) == 2
+    assert "error: --sft-epochs" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["sft", "--no-such-flag"])
+    assert exc.value.code == 2
+
+
+def test_pipeline_accepts_every_phase_flag_and_hands_them_on():
+    _, config = parse(["pipeline", "--lora-r", "4", "--quality-threshold", "0.3", "--from", "rollouts"], environ={})
+    phases = config.phase_configs()
+    assert phases["sft"].lora_r == 4
+    assert phases["preferences"].quality_threshold == 0.3
+    assert config.phases() == ["rollouts", "preferences", "dpo", "eval"]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "app", command, "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "PIPELINE_" in result.stdout
+    assert command == "bench" or "--store" in result.stdout
