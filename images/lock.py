@@ -4,7 +4,10 @@
     python images/lock.py cpu      # images/requirements-cpu.in -> requirements-cpu.lock (+ .deps.json)
 
 It runs `pip install --dry-run --report` for the image's platform (not this machine's),
-so the resolver sees exactly the wheels the Docker build will download. The report
+so the resolver sees exactly the wheels the Docker build will download. pip evaluates
+environment markers (`python_version > "3.11"`) with the interpreter that runs it, not
+with --python-version, so the resolver runs under the image's Python minor version
+(python3.12 on PATH or in pyenv) on Linux x86_64, like the image. The report
 gives every package's version, wheel URL, SHA-256 and Requires-Dist; we write the first
 three as a `--require-hashes` lock and keep the Requires-Dist next to it
 (`.deps.json`) so tests can check the lock's consistency offline.
@@ -15,8 +18,10 @@ metadata here), about 6 GB for the GPU image; nothing is installed.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,10 +47,22 @@ def platforms(glibc_minor: int) -> list[str]:
 KEEP_ENV = {"PIP_CERT", "PIP_DEFAULT_TIMEOUT", "PIP_INDEX_URL", "PIP_TRUSTED_HOST"}
 
 
+def interpreter(version: str) -> str:
+    """A Python of the image's minor version, with pip, to evaluate markers as the image will."""
+    candidates = [shutil.which(f"python{version}")] + sorted(
+        glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python")))
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+            return candidate
+    raise SystemExit(f"need a python{version} interpreter with pip to resolve markers for the image")
+
+
 def resolve(variant: str, report: Path, find_links: list[str]) -> dict:
     target = TARGETS[variant]
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+    cmd = [interpreter(target["python"]), "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
            "--no-cache-dir", "--report", str(report), "--only-binary=:all:",
+           # --target: older pips accept platform options only with it; nothing is written (dry run)
+           "--target", str(report.parent / "target"),
            "--python-version", target["python"], "--implementation", "cp",
            "-r", str(HERE / f"requirements-{variant}.in")]
     for tag in platforms(target["glibc"]):
