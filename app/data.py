@@ -159,33 +159,36 @@ _ITEMS = ["apples", "books", "cards", "pens", "shells", "stickers", "marbles", "
 
 
 def _problem(rng: random.Random) -> tuple[str, str]:
+    # Operands stay small (mostly one digit) so a 4-layer model can learn the arithmetic in
+    # minutes on a CPU; the wording and the solution format are GSM8K's.
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     kind = rng.randrange(5)
-    a, b = rng.randint(2, 30), rng.randint(2, 20)
     if kind == 0:
+        a, b = rng.randint(2, 12), rng.randint(2, 9)
         q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
         steps = [(f"{name} has {a} + {b} = ", a, "+", b, f" {item}.")]
     elif kind == 1:
-        a = a + b
+        b, left = rng.randint(2, 9), rng.randint(1, 9)
+        a = left + b
         q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
         steps = [(f"{name} has {a} - {b} = ", a, "-", b, f" {item} left.")]
     elif kind == 2:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
         q = f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?"
         steps = [(f"{name} has {a} * {b} = ", a, "*", b, f" {item}.")]
     elif kind == 3:
-        b, per = rng.randint(2, 9), rng.randint(2, 9)
+        b, per = rng.randint(2, 5), rng.randint(2, 5)
         a = b * per
         q = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
         steps = [(f"Each friend gets {a} / {b} = ", a, "/", b, f" {item}.")]
     else:
-        c = rng.randint(2, 9)
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 4)
         q = (f"{name} has {a} {item}, buys {b} more, then buys {c} packs of 2 {item}. "
              f"How many {item} does {name} have?")
-        steps = [(f"After the first purchase {name} has {a} + {b} = ", a, "+", b, f" {item}."),
-                 (f"The packs hold {c} * 2 = ", c, "*", 2, f" {item}.")]
         first, second = a + b, c * 2
-        steps.append((f"In total {name} has {first} + {second} = ", first, "+", second, f" {item}."))
+        steps = [(f"After the first purchase {name} has {a} + {b} = ", a, "+", b, f" {item}."),
+                 (f"The packs hold {c} * 2 = ", c, "*", 2, f" {item}."),
+                 (f"In total {name} has {first} + {second} = ", first, "+", second, f" {item}.")]
     lines, result = [], 0
     for prefix, x, op, y, suffix in steps:
         result = {"+": x + y, "-": x - y, "*": x * y, "/": x // y}[op]

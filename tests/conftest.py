@@ -32,7 +32,7 @@ SMALL_RUN_FLAGS = {
     "sft": ["--train-limit", "256", "--sft-epochs", "1", "--sft-batch-size", "16"],
     "rollouts": ["--rollout-limit", "16", "--n-samples", "6", "--max-new-tokens", "64", "--backend", "hf"],
     "preferences": ["--quality-threshold", "0.05"],
-    "dpo": ["--dpo-batch-size", "4", "--dpo-grad-accum", "1"],
+    "dpo": ["--dpo-batch-size", "2", "--dpo-grad-accum", "1", "--dpo-epochs", "2"],
     "eval": ["--eval-limit", "24", "--max-new-tokens", "64", "--backend", "hf"],
 }
 

@@ -138,6 +138,7 @@ def _key_numbers(name: str, metrics: dict) -> str:
     if name == "eval":
         parts = []
         for dataset, by_model in metrics.get("results", {}).items():
-            parts.append(f"{dataset}: " + " -> ".join(f"{m} {r['accuracy']:.1%}" for m, r in by_model.items()))
+            parts.append(f"{dataset}: " + " -> ".join(f"{m} {by_model[m]['accuracy']:.1%}"
+                                                      for m in ("base", "sft", "dpo") if m in by_model))
         return "; ".join(parts)
     return ""
