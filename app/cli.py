@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import os
 import sys
@@ -194,4 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_RETRYABLE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Nothing was published (a manifest is written last); a new pod may have room: retry.
+        print(f"error: disk full: {exc}", file=sys.stderr, flush=True)
         return EXIT_RETRYABLE

@@ -14,6 +14,8 @@ first step and fails loudly if it is not so (a wrong reference would show here f
 Reference-case defaults (`--preset abel-7b`): per-device batch 2, grad accum 2,
 lr 5e-6, beta 0.1, bf16, 1 epoch. Output `<store>/runs/<run-id>/dpo/`: the adapter
 (only the trained `default` adapter, not the frozen copy), tokenizer, metrics.json.
+Every `--save-steps` steps a checkpoint goes to `<store>/runs/<run-id>/dpo/checkpoints/`;
+a restarted Job resumes from the newest one of the same config (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Config(RunConfig):
     bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
     pair_types: list[str] = option(["correctness", "quality"], "which pair types to train on, comma-separated")
     check_step0: bool = option(True, "fail unless the first step's loss is ln 2 and its margins 0")
+    save_steps: int = option(100, "publish a resumable checkpoint every N optimizer steps (0 = never)")
 
     def validate(self) -> None:
         super().validate()
@@ -52,6 +55,12 @@ class Config(RunConfig):
         require(self.max_seq_length >= 16, "--max-seq-length must be >= 16")
         bad = [t for t in self.pair_types if t not in ("correctness", "quality")]
         require(not bad and bool(self.pair_types), f"--pair-types {self.pair_types}: use correctness and/or quality")
+        require(self.save_steps >= 0, f"--save-steps must be >= 0 (0 = no checkpoints), got {self.save_steps}")
+
+    def identity(self) -> dict:
+        values = super().identity()
+        values.pop("save_steps")  # how often we checkpoint does not change what is trained
+        return values
 
 
 def main(config: Config) -> dict | None:
@@ -76,8 +85,17 @@ def main(config: Config) -> dict | None:
 
     with PartialState().main_process_first():
         base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
-    trainer, tokenizer = build_trainer(config, base_path, str(sft_dir), pairs)
-    result = trainer.train()
+    from app import checkpoints
+
+    config_hash = artifacts.config_hash(config.identity())
+    resume = checkpoints.latest_checkpoint(out_uri, config_hash, log=log)
+    log(f"dpo: resuming from {resume} (step {checkpoints.checkpoint_info(resume)['step']})" if resume else
+        "dpo: no checkpoint to resume from; starting at step 0")
+    trainer, tokenizer = build_trainer(config, base_path, str(sft_dir), pairs,
+                                       callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
+    if resume:
+        checkpoints.restore_trained_adapter(trainer.model, resume)  # the Trainer's resume loads only `ref`
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     history = [h for h in trainer.state.log_history if "loss" in h]
     step0 = history[0] if history else {}
     metrics = {
@@ -90,6 +108,7 @@ def main(config: Config) -> dict | None:
         "last_margin": history[-1].get("rewards/margins") if history else None,
         "last_accuracy": history[-1].get("rewards/accuracies") if history else None,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+        "resumed_from_step": checkpoints.checkpoint_info(resume)["step"] if resume else 0,
     }
     log(f"dpo: step-0 loss {metrics['step0_loss']} (ln 2 = {LN2:.4f}), margin {metrics['step0_margin']}; "
         f"last loss {metrics['last_loss']}, margin {metrics['last_margin']}, accuracy {metrics['last_accuracy']}")
@@ -110,6 +129,7 @@ def main(config: Config) -> dict | None:
             inputs={"preferences": artifacts.lineage_entry(prefs_uri, prefs_manifest),
                     "sft": artifacts.lineage_entry(sft_uri, sft_manifest), "base": base_lineage},
             metrics=metrics, timings={"total_s": round(time.time() - started, 1)}, overwrite=config.force)
+    checkpoints.clear_checkpoints(out_uri)  # the artifact is what counts now
     log(f"dpo: published {out_uri}")
     return manifest
 
@@ -141,7 +161,7 @@ def read_pairs(path, pair_types: list[str]) -> list[dict]:
     return pairs
 
 
-def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict]):
+def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict], callbacks=None):
     """TRL DPOTrainer on the SFT PeftModel; TRL adds the frozen `ref` copy of its adapter."""
     import torch
     from datasets import Dataset
@@ -169,7 +189,9 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         max_length=config.max_seq_length,
         logging_steps=1,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,  # (unused when save_strategy is "no")
+        save_total_limit=1,  # local copies only; the store keeps the last two (app/checkpoints.py)
         report_to="none",
         bf16=config.bf16 and on_gpu,
         use_cpu=not on_gpu,
@@ -178,5 +200,6 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         data_seed=config.seed,
         dataloader_num_workers=2 if on_gpu else 0,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+                         callbacks=callbacks)
     return trainer, tokenizer

@@ -42,6 +42,7 @@ class Config(RunConfig):
     bf16: bool = option(True, "generate in bf16 on GPUs")
     num_shards: int = option(1, "split the questions into this many shards (one per Indexed Job pod)")
     shard_index: int = option(None, "which shard this process runs (default: $JOB_COMPLETION_INDEX or 0)")
+    max_reject_rate: float = option(0.01, "fail if more than this share of a test set's rows is unusable")
 
     def __post_init__(self):
         if self.shard_index is None:
@@ -57,6 +58,7 @@ class Config(RunConfig):
         require(self.backend in ("auto", "hf", "vllm"), f"--backend {self.backend!r}: use auto, hf or vllm")
         require(self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
                 f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
+        require(0 <= self.max_reject_rate <= 1, "--max-reject-rate must be in [0, 1]")
 
     def datasets(self) -> dict[str, str]:
         named = {dataset_name(self.eval_data): self.eval_data}
@@ -109,7 +111,8 @@ def main(config: Config) -> dict | None:
 
     datasets = {}
     for name, spec in config.datasets().items():
-        problems, report = load_problems(spec, split="test", limit=config.eval_limit or None, seed=config.seed)
+        problems, report = load_problems(spec, split="test", limit=config.eval_limit or None,
+                                         max_reject_rate=config.max_reject_rate, seed=config.seed)
         datasets[name] = shard_slice(problems, config.shard_index, config.num_shards)
         log(f"data {name}: {report.line()}; this shard evaluates {len(datasets[name])}")
 

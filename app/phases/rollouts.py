@@ -18,6 +18,12 @@ Output `rollouts.jsonl`: one line per question, in question order:
     {"id", "question", "gold", "trajectories": [{"variant", "prompt", "full_text", "answer",
      "num_tokens", "truncated", "correct", "quality", "length_penalty", "reward"}, ...]}
 plus `summary.json` (accuracy by variant, reward statistics, throughput).
+
+Progress is saved in chunks of `--chunk-size` questions: each finished chunk's records go
+to `<phase uri>/checkpoints/<questions done>/` (app/checkpoints.py). A restarted Job loads
+the finished chunks and generates only the rest. A question's sampling seed is its
+position in the list, so with vLLM its samples do not depend on the chunking (with HF
+generate neither, as long as --chunk-size is a multiple of --question-batch-size).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 
 from app import artifacts
 from app.config import RunConfig, option, require
+from app.errors import StorageError
 from app.log import banner, log, log_config
 
 
@@ -55,6 +62,8 @@ class Config(RunConfig):
     target_tokens: int = option(200, "trajectories up to this length get no length penalty")
     num_shards: int = option(1, "split the questions into this many shards (one per Indexed Job pod)")
     shard_index: int = option(None, "which shard this process runs (default: $JOB_COMPLETION_INDEX or 0)")
+    chunk_size: int = option(512, "save progress every N questions; a restarted Job redoes at most one chunk")
+    max_reject_rate: float = option(0.01, "fail if more than this share of the question rows is unusable")
 
     def __post_init__(self):
         if self.shard_index is None:
@@ -78,6 +87,8 @@ class Config(RunConfig):
         require(self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
                 f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
         require(self.rollout_limit >= 0, "--rollout-limit must be >= 0")
+        require(self.chunk_size >= 1, f"--chunk-size must be >= 1, got {self.chunk_size}")
+        require(0 <= self.max_reject_rate <= 1, "--max-reject-rate must be in [0, 1]")
 
     def per_variant(self) -> int:
         return self.samples_per_variant or max(1, self.n_samples // len(self.variants))
@@ -85,6 +96,7 @@ class Config(RunConfig):
     def identity(self) -> dict:
         values = super().identity()
         values.pop("question_batch_size")  # how we batch does not change what is sampled
+        values.pop("chunk_size")  # nor how often progress is saved
         return values
 
 
@@ -113,19 +125,39 @@ def main(config: Config) -> dict | None:
 
     started = time.time()
     problems, report = load_problems(config.rollout_data, split="train", limit=config.rollout_limit or None,
-                                     seed=config.seed)
+                                     max_reject_rate=config.max_reject_rate, seed=config.seed)
     problems = shard_slice(problems, config.shard_index, config.num_shards)
     log(f"data: {report.line()}; this shard rolls out {len(problems)} questions "
         f"x {len(config.variants)} variants x {config.per_variant()} samples")
 
     from app.models import resolve_base_model
 
+    from app import checkpoints
+
+    config_hash = artifacts.config_hash(config.identity())
+    done = resume_chunks(out_uri, config_hash, problems)
+
+    def save_chunk(end: int, chunk_records: list[dict]) -> None:
+        from app.data import write_jsonl
+
+        with artifacts.workdir("rollouts-chunk") as chunk_dir:
+            write_jsonl(chunk_dir / "rollouts.jsonl", chunk_records)
+            meta = {"start": end - len(chunk_records), "end": end, "ids": [r["id"] for r in chunk_records]}
+            try:
+                checkpoints.save_checkpoint(out_uri, end, chunk_dir, config_hash, meta=meta, keep=None)
+            except StorageError as exc:  # generation goes on; a restart would redo this chunk
+                log(f"warning: progress at {end}/{len(problems)} questions not saved ({exc})")
+                return
+        log(f"rollouts: progress saved, {end}/{len(problems)} questions done")
+
     base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
-    records, stats_line, stats = generate_and_score(config, base_path, str(sft_dir), problems)
+    records, stats_line, stats = generate_and_score(config, base_path, str(sft_dir), problems, done=done,
+                                                    on_chunk=save_chunk)
     log(stats_line)
 
     summary = summarize(records)
     summary["throughput"] = stats
+    summary["rejected_rows"] = report.rejected
     log("rollouts: " + ", ".join(f"{k} {v}" for k, v in summary["accuracy_by_variant"].items())
         + f"; mean reward {summary['mean_reward']}; truncated {summary['truncated']}")
 
@@ -140,16 +172,43 @@ def main(config: Config) -> dict | None:
                     "rollout_data": {"spec": config.rollout_data}},
             metrics={k: v for k, v in summary.items() if k != "throughput"},
             timings={"total_s": round(time.time() - started, 1), "generation": stats}, overwrite=config.force)
+    checkpoints.clear_checkpoints(out_uri)  # the artifact is what counts now
     log(f"rollouts: published {out_uri}")
     return manifest
 
 
-def generate_and_score(config: Config, base_path: str, sft_dir: str, problems) -> tuple[list[dict], str, dict]:
+def resume_chunks(out_uri: str, config_hash: str, problems) -> list[dict]:
+    """Records of the questions finished by an earlier, interrupted attempt (a prefix of `problems`)."""
+    from app import checkpoints
+    from app.data import read_jsonl
+
+    records: list[dict] = []
+    for end, path in checkpoints.complete_checkpoints(out_uri, config_hash, log=log):
+        info = checkpoints.checkpoint_info(path)
+        expected = [p.id for p in problems[len(records):end]]
+        if info.get("start") != len(records) or info.get("ids") != expected:
+            log(f"rollouts: saved chunk {path} does not continue questions [0, {len(records)}) of this data; "
+                "redoing the questions from there on")
+            break
+        records += [row for _, row in read_jsonl(path / "rollouts.jsonl")]
+    if records:
+        log(f"rollouts: resuming with {len(records)}/{len(problems)} questions already done")
+    return records
+
+
+def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, done: list[dict] | None = None,
+                       on_chunk=None) -> tuple[list[dict], str, dict]:
+    """Records for every problem, in order: `done` (already finished) first, the rest generated
+    `config.chunk_size` questions at a time, each finished chunk handed to `on_chunk(end, records)`
+    unless it is the last one."""
     from app.generation import Sampling, make_generator
     from app.models import check_adapter_matches, load_tokenizer
     from app.prompts import build_prompt
     from app.rewards import RewardWeights, score_trajectory
 
+    records = list(done or [])
+    if len(records) == len(problems):
+        return records, "rollouts: nothing left to generate", {"backend": None, "resumed_questions": len(records)}
     tokenizer = load_tokenizer(base_path)
     from transformers import AutoConfig
 
@@ -159,23 +218,31 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems) -
                                max_model_len=config.max_new_tokens + 512, seed=config.seed)
     weights = RewardWeights(quality=config.quality_weight, length=config.length_weight,
                             target_tokens=config.target_tokens)
-    records = [{"id": p.id, "question": p.question, "gold": p.gold, "trajectories": []} for p in problems]
+    resumed = len(records)
     try:
-        for v_index, variant in enumerate(config.variants):
-            prompts = [build_prompt(p.question, variant, config.prompt_format, tokenizer) for p in problems]
-            sampling = Sampling(n=config.per_variant(), temperature=config.temperature, top_p=config.top_p,
-                                max_new_tokens=config.max_new_tokens, seed=config.seed * 1000 + v_index)
-            outputs = generator.generate(prompts, sampling, adapter="sft", desc=f"rollouts/{variant}")
-            for record, prompt, completions, problem in zip(records, prompts, outputs, problems):
-                for completion in completions:
-                    score = score_trajectory(completion.text, problem.gold, completion.num_tokens,
-                                             config.max_new_tokens, completion.truncated, weights)
-                    record["trajectories"].append({
-                        "variant": variant, "prompt": prompt, "full_text": completion.text,
-                        "answer": score.answer, "num_tokens": completion.num_tokens,
-                        "truncated": completion.truncated, "correct": score.correct, "quality": score.quality,
-                        "length_penalty": score.length_penalty, "reward": score.reward})
-        return records, generator.stats.line(generator.name), {"backend": generator.name, **generator.stats.to_dict()}
+        for start in range(resumed, len(problems), config.chunk_size):
+            chunk = problems[start:start + config.chunk_size]
+            chunk_records = [{"id": p.id, "question": p.question, "gold": p.gold, "trajectories": []} for p in chunk]
+            for v_index, variant in enumerate(config.variants):
+                prompts = [build_prompt(p.question, variant, config.prompt_format, tokenizer) for p in chunk]
+                # + start: a question's seed is its position, whichever chunk it falls in.
+                sampling = Sampling(n=config.per_variant(), temperature=config.temperature, top_p=config.top_p,
+                                    max_new_tokens=config.max_new_tokens, seed=config.seed * 1000 + v_index + start)
+                outputs = generator.generate(prompts, sampling, adapter="sft", desc=f"rollouts/{variant}")
+                for record, prompt, completions, problem in zip(chunk_records, prompts, outputs, chunk):
+                    for completion in completions:
+                        score = score_trajectory(completion.text, problem.gold, completion.num_tokens,
+                                                 config.max_new_tokens, completion.truncated, weights)
+                        record["trajectories"].append({
+                            "variant": variant, "prompt": prompt, "full_text": completion.text,
+                            "answer": score.answer, "num_tokens": completion.num_tokens,
+                            "truncated": completion.truncated, "correct": score.correct, "quality": score.quality,
+                            "length_penalty": score.length_penalty, "reward": score.reward})
+            records += chunk_records
+            if on_chunk is not None and len(records) < len(problems):
+                on_chunk(len(records), chunk_records)
+        stats = {"backend": generator.name, **generator.stats.to_dict(), "resumed_questions": resumed}
+        return records, generator.stats.line(generator.name), stats
     finally:
         generator.close()
 

@@ -16,6 +16,9 @@ Choices:
 - LoRA r=16 on every linear layer of the attention and MLP blocks; the base stays
   frozen in bf16, so the 7B model trains on one 80 GB GPU with no gradient checkpointing.
 - TRL's SFTTrainer does the loop (DDP under torchrun); only rank 0 publishes.
+- Every `--save-steps` steps a checkpoint (adapter, optimizer, scheduler, RNG states, step)
+  goes to `<store>/runs/<run-id>/sft/checkpoints/`; a restarted Job resumes from the newest
+  one of the same config (app/checkpoints.py, docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Config(RunConfig):
     max_seq_length: int = option(1024, "longest prompt+completion in tokens; longer rows are truncated")
     bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
     max_reject_rate: float = option(0.01, "fail if more than this share of training rows is unusable")
+    save_steps: int = option(100, "publish a resumable checkpoint every N optimizer steps (0 = never)")
 
     def validate(self) -> None:
         super().validate()
@@ -56,6 +60,12 @@ class Config(RunConfig):
         require(self.train_limit >= 0, "--train-limit must be >= 0")
         require(0 <= self.max_reject_rate <= 1, "--max-reject-rate must be in [0, 1]")
         require(self.prompt_format in ("abel", "plain", "chat"), f"--prompt-format {self.prompt_format!r}: use abel, plain or chat")
+        require(self.save_steps >= 0, f"--save-steps must be >= 0 (0 = no checkpoints), got {self.save_steps}")
+
+    def identity(self) -> dict:
+        values = super().identity()
+        values.pop("save_steps")  # how often we checkpoint does not change what is trained
+        return values
 
 
 def main(config: Config) -> dict | None:
@@ -82,10 +92,17 @@ def main(config: Config) -> dict | None:
         base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
     log(f"base model: {base_path}")
 
-    trainer, tokenizer = build_trainer(config, base_path, problems)
+    from app import checkpoints
+
+    config_hash = artifacts.config_hash(config.identity())
+    resume = checkpoints.latest_checkpoint(out_uri, config_hash, log=log)
+    log(f"sft: resuming from {resume} (step {checkpoints.checkpoint_info(resume)['step']})" if resume else
+        "sft: no checkpoint to resume from; starting at step 0")
+    trainer, tokenizer = build_trainer(config, base_path, problems,
+                                       callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
     log(f"training: {len(problems)} examples x {config.sft_epochs} epochs, "
         f"batch {config.sft_batch_size} x accum {config.sft_grad_accum} x {trainer.args.world_size} processes")
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     history = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "train_loss": round(result.training_loss, 4),
@@ -95,6 +112,7 @@ def main(config: Config) -> dict | None:
         "examples": len(problems),
         "rejected_rows": report.rejected,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+        "resumed_from_step": checkpoints.checkpoint_info(resume)["step"] if resume else 0,
     }
     if not trainer.accelerator.is_main_process:
         return None
@@ -110,11 +128,12 @@ def main(config: Config) -> dict | None:
                                      inputs={"base": base_lineage, "train_data": {"spec": config.train_data}},
                                      metrics=metrics, timings={"total_s": round(time.time() - started, 1)},
                                      overwrite=config.force)
+    checkpoints.clear_checkpoints(out_uri)  # the artifact is what counts now
     log(f"sft: loss {metrics['first_logged_loss']} -> {metrics['last_logged_loss']}; published {out_uri}")
     return manifest
 
 
-def build_trainer(config: Config, base_path: str, problems):
+def build_trainer(config: Config, base_path: str, problems, callbacks=None):
     """TRL SFTTrainer over prompt-completion pairs, LoRA on all linear layers."""
     import torch
     from datasets import Dataset
@@ -138,7 +157,9 @@ def build_trainer(config: Config, base_path: str, problems):
         lr_scheduler_type="cosine",
         warmup_steps=0.03,
         logging_steps=1 if len(rows) < 5000 else 10,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,  # (unused when save_strategy is "no")
+        save_total_limit=1,  # local copies only; the store keeps the last two (app/checkpoints.py)
         report_to="none",
         bf16=config.bf16 and on_gpu,
         use_cpu=not on_gpu,
@@ -152,7 +173,8 @@ def build_trainer(config: Config, base_path: str, problems):
         logging_first_step=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout))
+                         peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
+                         callbacks=callbacks)
     return trainer, tokenizer
 
 
@@ -162,5 +184,9 @@ def _trainer_dir(phase: str, config: RunConfig):
     from pathlib import Path
 
     root = Path(os.environ.get("PIPELINE_WORKDIR", tempfile.gettempdir())) / f"{phase}-trainer-{config.run_id}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)  # scratch: stale checkpoint-N/ of an earlier run must not be uploaded
     root.mkdir(parents=True, exist_ok=True)
     return root
