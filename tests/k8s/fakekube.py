@@ -55,6 +55,7 @@ class PodRun:
     waiting_s: float = 0.0
     line_delay_s: float = 0.01
     process: Callable[[Callable[[str], None]], int] | None = None
+    init_process: Callable[[Callable[[str], None]], int] | None = None  # runs the init container instead
 
 
 Runtime = Callable[[dict, int], PodRun]  # (job, attempt starting at 0) -> what its pod does
@@ -280,15 +281,19 @@ class FakeKube:
         for name in init:
             with self.lock:
                 self._set_state(pod, name, {"running": {"startedAt": self.now()}}, init=True)
-            for line in run.init_lines:
-                self._log(pod_name, name, line)
+            if run.init_process is not None:
+                init_code = run.init_process(lambda line, name=name: self._log(pod_name, name, line))
+            else:
+                for line in run.init_lines:
+                    self._log(pod_name, name, line)
+                init_code = run.init_exit_code
             with self.lock:
-                self._set_state(pod, name, {"terminated": {"exitCode": run.init_exit_code, "startedAt": self.now(),
+                self._set_state(pod, name, {"terminated": {"exitCode": init_code, "startedAt": self.now(),
                                                            "finishedAt": self.now(),
-                                                           "reason": "Completed" if run.init_exit_code == 0 else "Error"}},
+                                                           "reason": "Completed" if init_code == 0 else "Error"}},
                                 init=True)
-            if run.init_exit_code != 0:
-                return self._pod_ended(job_name, pod_name, "Failed", {(name, run.init_exit_code)}, disrupted=False)
+            if init_code != 0:
+                return self._pod_ended(job_name, pod_name, "Failed", {(name, init_code)}, disrupted=False)
         with self.lock:
             pod["status"]["phase"] = "Pending"
             if run.waiting:

@@ -305,6 +305,38 @@ def test_a_job_of_another_run_with_the_same_name_is_not_touched(kube, rendered, 
     assert not any(verb in ("delete", "patch", "create") for verb, *_ in fake.requests)
 
 
+def test_the_pods_config_check_really_runs_with_the_run_id_from_the_label(kube, rendered, tmp_path, capsys):
+    """The fake kubelet runs each pod's real check-config command as a process, with the
+    environment the kubelet would build (ConfigMap, downward-API labels of the Job chain.py
+    created, $(VAR) expansion): the run id reaches the CLI through the label alone."""
+    import subprocess
+
+    from tests.k8s.test_k8s_manifests import expand, pod_environment
+
+    docs = list(yaml.safe_load_all(rendered.read_text()))
+
+    def runtime(job: dict, attempt: int) -> PodRun:
+        (init,) = job["spec"]["template"]["spec"]["initContainers"]
+        env = pod_environment(docs, job, init)
+        argv = [expand(a, env) for a in init["command"]]
+
+        def check(log) -> int:
+            proc = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=120,
+                                  env={**env, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)})
+            for line in (proc.stdout + proc.stderr).splitlines():
+                log(line)
+            return proc.returncode
+
+        return PodRun(lines=["phase ran"], init_process=check)
+
+    fake = kube(runtime)
+    assert run_chain(fake, rendered, tmp_path, "--run-id", "r-e2e", "--no-skip") == 0
+    out, _ = capsys.readouterr()
+    for phase in PHASES:
+        assert f"[{phase}] config ok: python -m app {phase}: " in out
+    assert out.count("run_id='r-e2e'") == len(PHASES)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dry run, rendering, permissions
 
