@@ -15,7 +15,7 @@ Each checkpoint records the hash of the phase's config (`artifacts.config_hash` 
 under another config is never resumed: the phase starts fresh and says so.
 
 Used three ways:
-- `TrainerCheckpoints`, a transformers `TrainerCallback`: every `save_steps` the HF
+- `trainer_callback(...)`, a transformers `TrainerCallback`: every `save_steps` the HF
   Trainer writes `checkpoint-<step>/` (adapter, optimizer, scheduler, RNG states,
   trainer_state.json with the step); the callback publishes it. The phase then calls
   `trainer.train(resume_from_checkpoint=latest_checkpoint(...))`, and the Trainer's own

@@ -25,6 +25,7 @@ from app.data import read_jsonl, synthetic_problems, write_jsonl
 from app.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_RETRYABLE
 from tests import preemption
 from tests.conftest import run_phase
+from tests.s3_server import moto_endpoint, s3  # noqa: F401  (pytest fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 # Adapters of an uninterrupted run and of a killed-and-resumed one, fp32 on the CPU: the same
@@ -252,6 +253,21 @@ def test_chunked_progress_keeps_every_chunk_and_clear_removes_them(tmp_path):
     checkpoints.clear_checkpoints(uri)
     assert checkpoints.read_pointer(uri) == [] and checkpoints.latest_checkpoint(uri, "h1") is None
     assert not list(Path(checkpoints.checkpoints_uri(uri)).rglob("manifest.json"))
+
+
+def test_checkpoints_through_s3(tmp_path, s3):  # noqa: F811
+    """The same rules against a real S3 API (moto over HTTP): rotation deletes objects, clear leaves none."""
+    uri = artifacts.phase_uri(s3.store, "r", "sft")
+    for step in (4, 8, 12):
+        checkpoints.save_checkpoint(uri, step, checkpoint_dir(tmp_path / f"c{step}", str(step)), "h1")
+    prefix = "proj/runs/r/sft/checkpoints/"
+    assert not any(key.startswith(prefix + "00000004/") for key in s3.keys(prefix))
+    latest = checkpoints.latest_checkpoint(uri, "h1")
+    assert latest.is_relative_to(tmp_path / "cache")  # downloaded into the verified cache
+    assert (latest / "state.bin").read_bytes() == b"12" * 100
+    assert checkpoints.latest_checkpoint(uri, "another-config") is None
+    checkpoints.clear_checkpoints(uri)
+    assert s3.keys(prefix) == []
 
 
 def test_a_custom_loop_resumes_exactly_through_the_store(tmp_path):
