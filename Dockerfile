@@ -55,11 +55,14 @@ ENV HOME=/home/app \
     VLLM_CACHE_ROOT=/cache/vllm \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     XDG_CACHE_HOME=/cache/xdg \
+    NUMBA_CACHE_DIR=/cache/numba \
     PIPELINE_CACHE=/cache/pipeline \
     PIPELINE_WORKDIR=/scratch \
     APP_GIT_SHA=${GIT_SHA} \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1
 
 VOLUME ["/cache", "/scratch"]
 WORKDIR /home/app
@@ -112,11 +115,14 @@ ENV HOME=/home/app \
     VLLM_CACHE_ROOT=/cache/vllm \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     XDG_CACHE_HOME=/cache/xdg \
+    NUMBA_CACHE_DIR=/cache/numba \
     PIPELINE_CACHE=/cache/pipeline \
     PIPELINE_WORKDIR=/scratch \
     APP_GIT_SHA=${GIT_SHA} \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1
 
 LABEL org.opencontainers.image.title="gsm8k-posttrain" \
       org.opencontainers.image.description="GSM8K post-training pipeline: SFT, rollouts, preferences, DPO, eval" \

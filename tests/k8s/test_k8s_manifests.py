@@ -406,7 +406,7 @@ def dockerfile_env(stage: str) -> dict[str, str]:
 def test_every_path_the_image_writes_is_a_mounted_volume(rendered, overlay):
     env = dockerfile_env("gpu")
     writable = [env[k] for k in ("HOME", "HF_HOME", "TRITON_CACHE_DIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR",
-                                 "XDG_CACHE_HOME", "PIPELINE_CACHE", "PIPELINE_WORKDIR")] + ["/tmp"]
+                                 "XDG_CACHE_HOME", "NUMBA_CACHE_DIR", "PIPELINE_CACHE", "PIPELINE_WORKDIR")] + ["/tmp"]
     for job in phase_jobs(rendered[overlay]).values():
         mounts = [m["mountPath"] for m in container(job)["volumeMounts"] if not m.get("readOnly")]
         for path in writable:
