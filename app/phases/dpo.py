@@ -40,6 +40,9 @@ class Config(RunConfig):
     dpo_batch_size: int = option(2, "pairs per device per step")
     dpo_grad_accum: int = option(2, "gradient accumulation steps")
     dpo_beta: float = option(0.1, "DPO beta: how far the policy may move from the reference")
+    dpo_sft_weight: float = option(0.0, "weight of an NLL loss on the chosen answer added to the DPO loss "
+                                   "(RPO, Pang et al. 2024: keeps DPO from lowering the likelihood of correct "
+                                   "solutions; 0 = pure DPO)")
     max_seq_length: int = option(1024, "longest prompt+completion in tokens")
     bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
     pair_types: list[str] = option(["correctness", "quality"], "which pair types to train on, comma-separated")
@@ -52,6 +55,7 @@ class Config(RunConfig):
         require(0 < self.dpo_learning_rate < 1, f"--dpo-learning-rate must be in (0, 1), got {self.dpo_learning_rate}")
         require(self.dpo_batch_size >= 1 and self.dpo_grad_accum >= 1, "--dpo-batch-size and --dpo-grad-accum must be >= 1")
         require(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
+        require(self.dpo_sft_weight >= 0, f"--dpo-sft-weight must be >= 0, got {self.dpo_sft_weight}")
         require(self.max_seq_length >= 16, "--max-seq-length must be >= 16")
         bad = [t for t in self.pair_types if t not in ("correctness", "quality")]
         require(not bad and bool(self.pair_types), f"--pair-types {self.pair_types}: use correctness and/or quality")
@@ -113,7 +117,7 @@ def main(config: Config) -> dict | None:
     log(f"dpo: step-0 loss {metrics['step0_loss']} (ln 2 = {LN2:.4f}), margin {metrics['step0_margin']}; "
         f"last loss {metrics['last_loss']}, margin {metrics['last_margin']}, accuracy {metrics['last_accuracy']}")
     if config.check_step0:
-        check_step0(step0)
+        check_step0(step0, pure_dpo=config.dpo_sft_weight == 0)
     if not trainer.accelerator.is_main_process:
         return None
 
@@ -134,12 +138,14 @@ def main(config: Config) -> dict | None:
     return manifest
 
 
-def check_step0(step0: dict, tolerance: float = 0.02) -> None:
-    """Policy and reference are the same model at step 0, so DPO's loss is exactly -log sigmoid(0)."""
-    loss, margin = step0.get("loss"), step0.get("rewards/margins")
+def check_step0(step0: dict, pure_dpo: bool = True, tolerance: float = 0.02) -> None:
+    """Policy and reference are the same model at step 0: every implicit reward and margin is 0,
+    so the DPO term is exactly -log sigmoid(0) = ln 2 (plus the NLL term when --dpo-sft-weight > 0)."""
+    loss, margin, chosen = step0.get("loss"), step0.get("rewards/margins"), step0.get("rewards/chosen")
     if loss is None or margin is None:
         raise RuntimeError("dpo: the first step was not logged; cannot verify the reference model")
-    if abs(loss - LN2) > tolerance or abs(margin) > tolerance:
+    rewards_zero = abs(margin) <= tolerance and (chosen is None or abs(chosen) <= tolerance)
+    if not rewards_zero or (pure_dpo and abs(loss - LN2) > tolerance):
         raise RuntimeError(f"dpo: step-0 loss {loss:.4f} / margin {margin:.4f}, expected {LN2:.4f} / 0: the reference "
                            "model is not the SFT policy")
 
@@ -186,6 +192,8 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         beta=config.dpo_beta,
+        loss_type=["sigmoid", "sft"] if config.dpo_sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, config.dpo_sft_weight] if config.dpo_sft_weight > 0 else None,
         max_length=config.max_seq_length,
         logging_steps=1,
         logging_first_step=True,
