@@ -42,6 +42,8 @@ from app.artifacts import MANIFEST, join, phase_uri, read_manifest  # noqa: E402
 PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
 PHASE_LABEL = "gsm8k.dev/phase"
 RUN_LABEL = "gsm8k.dev/run"
+STEP_LABEL = "gsm8k.dev/step"
+SHARDABLE = ("rollouts", "eval")  # generation phases that can split their questions over pods
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MAIN_CONTAINER = "phase"
 CONFIG_MAP = "pipeline-config"
@@ -134,6 +136,38 @@ def for_run(job: dict, run_id: str, *, force: bool = False) -> dict:
     return job
 
 
+def sharded(job: dict, shards: int) -> dict:
+    """The phase as an Indexed Job of `shards` pods at once: pod i writes shard i of N (the
+    CLI reads JOB_COMPLETION_INDEX, which Kubernetes sets in an Indexed Job's pods)."""
+    job = copy.deepcopy(job)
+    spec = job["spec"]
+    # Retries are shared by all the pods, so scale them with the pod count.
+    spec.update(completionMode="Indexed", completions=shards, parallelism=shards,
+                backoffLimit=spec.get("backoffLimit", 2) * shards)
+    pod = spec["template"]["spec"]
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        container.setdefault("env", []).append({"name": "PIPELINE_NUM_SHARDS", "value": str(shards)})
+    return job
+
+
+def merge_job(cpu_job: dict, phase: str, run_id: str, shards: int) -> dict:
+    """A small CPU Job, made from the preferences Job (which holds no GPU), that joins the
+    shards into the phase's artifact: `python -m app merge --phase P --num-shards N`."""
+    job = copy.deepcopy(cpu_job)
+    argv = ["merge", "--phase", phase, "--num-shards", str(shards)]
+    job["metadata"]["name"] = job_name(run_id, f"{phase}-merge")
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        labels.update({PHASE_LABEL: phase, STEP_LABEL: "merge"})
+    pod = job["spec"]["template"]["spec"]
+    for container in pod.get("initContainers", []):
+        if "$(PHASE)" in container.get("command", []):  # the config check parses the merge command
+            container["command"] = [arg for arg in container["command"] if arg != "$(PHASE)"] + argv
+    main = next(c for c in pod["containers"] if c["name"] == MAIN_CONTAINER)
+    main["command"] = ["python", "-m", "app", *argv]
+    main.pop("args", None)
+    return job
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan: which phases run, which are skipped because the store already has them.
 
@@ -143,16 +177,28 @@ class Step:
     phase: str
     job: dict
     skip_reason: str | None = None
+    title: str = ""  # how messages name the step (default: the phase)
+
+    def __post_init__(self):
+        self.title = self.title or self.phase
 
 
 def plan(jobs: dict[str, dict], run_id: str, store: str, *, start: str, stop: str, check_store: bool,
-         force: bool) -> list[Step]:
+         force: bool, shards: int = 1) -> list[Step]:
     selected = PHASES[PHASES.index(start): PHASES.index(stop) + 1]
     if not selected:
         raise ChainError(f"--from {start} comes after --to {stop}")
     steps = []
     for phase in selected:
-        step = Step(phase, for_run(jobs[phase], run_id, force=force))
+        job = for_run(jobs[phase], run_id, force=force)
+        if shards > 1 and phase in SHARDABLE:
+            phase_steps = [Step(phase, sharded(job, shards), title=f"{phase} ({shards} shards)"),
+                           Step(phase, merge_job(for_run(jobs["preferences"], run_id, force=force), phase, run_id,
+                                                 shards), title=f"{phase} merge")]
+        else:
+            phase_steps = [Step(phase, job)]
+        steps.extend(phase_steps)
+        step = phase_steps[0]
         if check_store and not force:
             uri = phase_uri(store, run_id, phase)
             try:
@@ -162,9 +208,9 @@ def plan(jobs: dict[str, dict], run_id: str, store: str, *, start: str, stop: st
                                  "  set AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store, "
                                  "or pass --no-skip") from None
             if manifest is not None:
-                step.skip_reason = (f"already published at {join(uri, MANIFEST)} "
-                                    f"(created {manifest.get('created_at', '?')}, config {manifest.get('config_hash', '?')})")
-        steps.append(step)
+                for skipped in phase_steps:
+                    skipped.skip_reason = (f"already published at {join(uri, MANIFEST)} (created "
+                                           f"{manifest.get('created_at', '?')}, config {manifest.get('config_hash', '?')})")
     return steps
 
 
@@ -181,9 +227,9 @@ def print_dry_run(steps: list[Step], out=None) -> None:
     out = out or sys.stdout
     for step in steps:
         if step.skip_reason:
-            out.write(f"# {step.phase}: skipped, {step.skip_reason}\n")
+            out.write(f"# {step.title}: skipped, {step.skip_reason}\n")
             continue
-        out.write(f"---\n# {step.phase}: Job {step.job['metadata']['name']}\n")
+        out.write(f"---\n# {step.title}: Job {step.job['metadata']['name']}\n")
         out.write(yaml.dump(step.job, Dumper=_BlockDumper, sort_keys=False))
 
 
@@ -253,18 +299,18 @@ class Cluster:
                                  f"{wanted[RUN_LABEL]} (labels {labels}); delete it or pick another run id")
             state = job_state(existing)
             if state == "running":
-                say(f"{step.phase}: Job {name} is already running; attaching to it")
+                say(f"{step.title}: Job {name} is already running; attaching to it")
                 return
             if state == "suspended" and not force:
-                say(f"{step.phase}: starting Job {name} (staged by kubectl apply -k)")
+                say(f"{step.title}: starting Job {name} (staged by kubectl apply -k)")
                 self.batch.patch_namespaced_job(name, self.namespace, {"spec": {"suspend": False}})
                 return
             if state == "complete" and not force:
-                say(f"{step.phase}: Job {name} already completed")
+                say(f"{step.title}: Job {name} already completed")
                 return
-            say(f"{step.phase}: replacing Job {name} ({state}{', --force' if force else ''})")
+            say(f"{step.title}: replacing Job {name} ({state}{', --force' if force else ''})")
             self.replace_job(name)
-        say(f"{step.phase}: creating Job {name}")
+        say(f"{step.title}: creating Job {name}")
         self.batch.create_namespaced_job(self.namespace, step.job)
 
     # -- Pods and logs
@@ -330,7 +376,7 @@ class Cluster:
                 status = describe_pod(pod, self.namespace)
                 if status and status_seen.get(pod_name) != status:
                     status_seen[pod_name] = status
-                    say(f"{step.phase}: pod {pod_name}: {status}")
+                    say(f"{step.title}: pod {pod_name}: {status}")
                 for init in (pod.status.init_container_statuses or []) if pod.status else []:
                     if init.state and init.state.terminated and (pod_name, init.name) not in init_printed:
                         if self.stream_logs(pod_name, init.name, step.phase, follow=False):
@@ -433,6 +479,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "itself when its artifact is current)")
     parser.add_argument("--force", action="store_true",
                         help="redo the selected phases: replace their Jobs and set PIPELINE_FORCE=true")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="run rollouts and eval as Indexed Jobs of N pods (one shard each), each followed by "
+                             "a CPU Job `python -m app merge --phase P --num-shards N`")
     parser.add_argument("--store", help="artifact store to check (default: the ConfigMap's PIPELINE_STORE)")
     parser.add_argument("--namespace", help="namespace (default: the rendered Jobs' namespace)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config, "
@@ -460,8 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         store = args.store or pipeline_config(docs).get("PIPELINE_STORE")
         if not store and not args.no_skip:
             raise ChainError("no PIPELINE_STORE in the ConfigMap; pass --store or --no-skip")
+        if args.shards < 1:
+            raise ChainError("--shards must be at least 1")
         steps = plan(jobs, args.run_id, store, start=args.start, stop=args.stop, check_store=not args.no_skip,
-                     force=args.force)
+                     force=args.force, shards=args.shards)
         if args.dry_run:
             print_dry_run(steps)
             return 0
@@ -499,7 +550,7 @@ def run(cluster: Cluster, steps: list[Step], args: argparse.Namespace) -> int:
         for step in steps:
             current = step
             if step.skip_reason:
-                say(f"{step.phase}: skipped, {step.skip_reason}")
+                say(f"{step.title}: skipped, {step.skip_reason}")
                 continue
             started = time.monotonic()
             cluster.start(step, force=args.force)
@@ -507,7 +558,7 @@ def run(cluster: Cluster, steps: list[Step], args: argparse.Namespace) -> int:
             minutes = (time.monotonic() - started) / 60
             if not outcome.ok:
                 name = step.job["metadata"]["name"]
-                lines = [f"{step.phase} FAILED after {minutes:.1f} min: Job {name} is Failed "
+                lines = [f"{step.title} FAILED after {minutes:.1f} min: Job {name} is Failed "
                          f"({outcome.reason}: {outcome.message})"]
                 if outcome.exit_code is not None:
                     meaning = EXIT_MEANING.get(outcome.exit_code, "see the log above")
@@ -517,7 +568,7 @@ def run(cluster: Cluster, steps: list[Step], args: argparse.Namespace) -> int:
                              f"--run-id {args.run_id} --from {step.phase}")
                 say("\n  ".join(lines))
                 return 1
-            say(f"{step.phase}: Job complete in {minutes:.1f} min")
+            say(f"{step.title}: Job complete in {minutes:.1f} min")
     except KeyboardInterrupt:
         if current is not None:
             say(f"interrupted; Job {current.job['metadata']['name']} keeps running in the cluster. "

@@ -17,8 +17,13 @@ envtest binaries and Go proxy are out of reach. So this is a fake, and honest ab
   names them. What a pod "does" is given by the test: scripted log lines and exit
   codes, or a real process (the phase's command run locally).
 
+Indexed Jobs run one pod per index at once (parallelism = completions), with the
+completion index in the pod's annotation/label and JOB_COMPLETION_INDEX; the Job completes
+when every index has succeeded; failures of any index share backoffLimit.
+
 Not modelled: watches, resourceVersion conflicts, activeDeadlineSeconds, TTL cleanup,
-Indexed Jobs, parallelism > 1, scheduling and node resources, admission (Pod Security).
+backoffLimitPerIndex, parallelism below completions, scheduling and node resources,
+admission (Pod Security).
 """
 
 from __future__ import annotations
@@ -58,7 +63,9 @@ class PodRun:
     init_process: Callable[[Callable[[str], None]], int] | None = None  # runs the init container instead
 
 
-Runtime = Callable[[dict, int], PodRun]  # (job, attempt starting at 0) -> what its pod does
+# (job, attempt starting at 0) -> what its pod does; an Indexed Job's copy carries "_index".
+Runtime = Callable[[dict, int], PodRun]
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 
 
 def _status(code: int, reason: str, message: str) -> dict:
@@ -196,6 +203,8 @@ class FakeKube:
         job["status"] = {}
         job["_pods"] = []  # names, in creation order (not serialized)
         job["_failed"] = 0
+        job["_active"] = {}  # completion index -> pod name
+        job["_succeeded"] = set()
         self._update_suspended(job)
         self.jobs[meta["name"]] = job
         return job
@@ -224,26 +233,40 @@ class FakeKube:
         if kind == "Complete":
             job["status"]["completionTime"] = now
 
+    @staticmethod
+    def _indexes(job: dict) -> range:
+        indexed = job["spec"].get("completionMode") == "Indexed"
+        return range(job["spec"].get("completions", 1) if indexed else 1)
+
     def _controller(self) -> None:
         while not self._stop.is_set():
             with self.lock:
                 for job in list(self.jobs.values()):
-                    if job["spec"].get("suspend") or self._finished(job) or job["status"].get("active"):
+                    if job["spec"].get("suspend") or self._finished(job):
                         continue
-                    self._new_pod(job)
+                    for index in self._indexes(job):
+                        if index not in job["_active"] and index not in job["_succeeded"]:
+                            self._new_pod(job, index)
             time.sleep(0.01)
 
-    def _new_pod(self, job: dict) -> None:
-        name = f"{job['metadata']['name']}-{next(self._names):05d}"
+    def _new_pod(self, job: dict, index: int) -> None:
+        indexed = job["spec"].get("completionMode") == "Indexed"
+        name = f"{job['metadata']['name']}-{f'{index}-' if indexed else ''}{next(self._names):05d}"
         template = job["spec"]["template"]
         labels = {**template.get("metadata", {}).get("labels", {}), JOB_NAME_LABEL: job["metadata"]["name"],
                   "job-name": job["metadata"]["name"], "batch.kubernetes.io/controller-uid": job["metadata"]["uid"]}
-        spec = template["spec"]
+        spec = copy.deepcopy(template["spec"])
+        annotations = {}
+        if indexed:
+            labels[INDEX_KEY] = annotations[INDEX_KEY] = str(index)
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                c.setdefault("env", []).append({"name": "JOB_COMPLETION_INDEX", "value": str(index)})
         pod = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": self.namespace, "uid": str(uuid.uuid4()), "labels": labels,
-                         "creationTimestamp": self.now(), "resourceVersion": str(next(self._names))},
-            "spec": copy.deepcopy(spec),
+                         "annotations": annotations, "creationTimestamp": self.now(),
+                         "resourceVersion": str(next(self._names))},
+            "spec": spec,
             "status": {
                 "phase": "Pending",
                 "conditions": [{"type": "PodScheduled", "status": "True"}],
@@ -253,9 +276,11 @@ class FakeKube:
         }
         self.pods[name] = pod
         job["_pods"].append(name)
-        job["status"]["active"] = 1
-        attempt = len(job["_pods"]) - 1
-        run = self.runtime(copy.deepcopy(job), attempt)
+        job["_active"][index] = name
+        job["status"]["active"] = len(job["_active"])
+        attempt = sum(1 for p in job["_pods"] if self.pods.get(p, {}).get("metadata", {}).get("annotations", {})
+                      .get(INDEX_KEY, "0") == str(index)) - 1 if indexed else len(job["_pods"]) - 1
+        run = self.runtime({**copy.deepcopy(job), "_index": index}, attempt)
         self._spawn(self._run_pod, job["metadata"]["name"], name, run)
 
     @staticmethod
@@ -330,10 +355,16 @@ class FakeKube:
             if pod is None or job is None:
                 return
             pod["status"]["phase"] = phase
-            job["status"]["active"] = 0
+            index = int(pod["metadata"]["annotations"].get(INDEX_KEY, 0))
+            job["_active"].pop(index, None)
+            job["status"]["active"] = len(job["_active"])
+            if self._finished(job):
+                return
             if phase == "Succeeded":
-                job["status"]["succeeded"] = 1
-                self._finish(job, "Complete", "CompletionsReached", "Reached expected number of succeeded pods")
+                job["_succeeded"].add(index)
+                job["status"]["succeeded"] = len(job["_succeeded"])
+                if len(job["_succeeded"]) == len(self._indexes(job)):
+                    self._finish(job, "Complete", "CompletionsReached", "Reached expected number of succeeded pods")
                 return
             action, message = self._match_policy(job, pod, exits)
             if action == "FailJob":

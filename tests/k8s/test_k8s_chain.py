@@ -338,6 +338,65 @@ def test_the_pods_config_check_really_runs_with_the_run_id_from_the_label(kube, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Sharding rollouts and eval over the pods of an Indexed Job
+
+
+def test_sharded_rollouts_run_as_an_indexed_job_then_a_merge(kube, rendered, tmp_path, capsys):
+    def runtime(job, attempt):
+        index = job["_index"]
+        return PodRun(lines=[f"{job['metadata']['name']} shard {index}: done"])
+
+    fake = kube(runtime)
+    assert run_chain(fake, rendered, tmp_path, "--run-id", "r20", "--from", "rollouts", "--to", "preferences",
+                     "--shards", "3") == 0
+    out, err = capsys.readouterr()
+    assert created(fake) == ["r20-rollouts", "r20-rollouts-merge", "r20-preferences"]
+    rollouts = fake.jobs["r20-rollouts"]
+    assert (rollouts["spec"]["completionMode"], rollouts["spec"]["completions"]) == ("Indexed", 3)
+    assert len(rollouts["_pods"]) == 3
+    for index in range(3):
+        assert f"[rollouts] r20-rollouts shard {index}: done" in out  # every pod's log
+    assert "rollouts (3 shards): Job complete" in err and "rollouts merge: Job complete" in err
+
+    from app.cli import parse
+
+    merge = fake.jobs["r20-rollouts-merge"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(merge["containers"][0]["resources"])
+    command = merge["containers"][0]["command"]
+    name, config = parse(command[3:], environ={"PIPELINE_PRESET": "tiny"})
+    assert (name, config.phase, config.num_shards) == ("merge", "rollouts", 3)
+    check = merge["initContainers"][0]["command"]
+    assert check[-5:] == ["merge", "--phase", "rollouts", "--num-shards", "3"]
+    env = {e["name"]: e.get("value") for e in rollouts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PIPELINE_NUM_SHARDS"] == "3"
+    assert parse(["rollouts"], environ={"PIPELINE_NUM_SHARDS": "3"})[1].num_shards == 3
+
+
+def test_a_bad_shard_fails_the_phase_before_the_merge(kube, rendered, tmp_path, capsys):
+    def runtime(job, attempt):
+        if job["_index"] == 1:
+            return PodRun(lines=["shard 1: corrupt input"], exit_code=3)
+        return PodRun(lines=[f"shard {job['_index']}: done"], line_delay_s=0.05)
+
+    fake = kube(runtime)
+    assert run_chain(fake, rendered, tmp_path, "--run-id", "r21", "--only", "eval", "--shards", "2") == 1
+    _, err = capsys.readouterr()
+    assert created(fake) == ["r21-eval"]
+    assert "eval (2 shards) FAILED" in err and "exit code 3" in err
+
+
+def test_a_published_sharded_phase_skips_the_merge_too(kube, rendered, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    publish(store, "r22", "eval", tmp_path)
+    fake = kube()
+    assert run_chain(fake, rendered, tmp_path, "--run-id", "r22", "--only", "eval", "--shards", "4",
+                     "--store", store) == 0
+    _, err = capsys.readouterr()
+    assert created(fake) == []
+    assert "eval (4 shards): skipped" in err and "eval merge: skipped" in err
+
+
+# ---------------------------------------------------------------------------------------------
 # Dry run, rendering, permissions
 
 
