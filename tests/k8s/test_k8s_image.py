@@ -193,3 +193,30 @@ def test_pyproject_packages_every_app_module(tmp_path):
     packaged = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("app/") and n.endswith(".py")}
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "app").rglob("*.py") if "__pycache__" not in p.parts}
     assert source - packaged == set(), "modules missing from the wheel (a folder without __init__.py?)"
+
+
+def third_party_imports() -> set[str]:
+    import ast
+
+    modules = set()
+    for path in (ROOT / "app").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in sys.stdlib_module_names and m != "app"}
+
+
+@pytest.mark.parametrize("variant", TARGETS)
+def test_every_library_the_app_imports_is_in_the_image(variant):
+    """A new `import` in app/ without a pin in images/requirements-*.in fails here, not in the cluster."""
+    lock = read_lock(variant)
+    distributions = metadata.packages_distributions()
+    optional = {"vllm"} if variant == "cpu" else set()  # the CPU debug image generates with --backend hf
+    missing = []
+    for module in sorted(third_party_imports() - optional):
+        candidates = [canonicalize_name(d) for d in distributions.get(module, [])] + [canonicalize_name(module)]
+        if not any(c in lock for c in candidates):
+            missing.append(module)
+    assert missing == [], f"imported by app/ but not in requirements-{variant}.lock"
