@@ -187,9 +187,13 @@ def test_this_machine_runs_the_image_training_stack():
 
 def test_pyproject_packages_every_app_module(tmp_path):
     """`pip install .` in the image must carry every module the phases import."""
+    # Build from a copy of what the Docker build context holds, so nothing lands in the work tree.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "app", src / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", src)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("gsm8k_posttrain-*.whl")
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("gsm8k_posttrain-*.whl")
     packaged = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("app/") and n.endswith(".py")}
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "app").rglob("*.py") if "__pycache__" not in p.parts}
     assert source - packaged == set(), "modules missing from the wheel (a folder without __init__.py?)"
