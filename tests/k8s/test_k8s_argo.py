@@ -158,3 +158,15 @@ def test_check_fails_fast_on_a_config_error(template, tmp_path):
     result = run_check(template, tmp_path, "dpo", run_id="Bad_Run")
     assert result.returncode == 2
     assert "config error: --run-id 'Bad_Run'" in result.stderr
+
+
+def test_the_argo_rbac_validates_and_grants_only_task_results():
+    import kubernetes_validate
+
+    docs = render(ROOT / "k8s" / "argo")
+    for doc in docs:
+        if doc["kind"] != "WorkflowTemplate":
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["rules"] == [{"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"],
+                              "verbs": ["create", "patch"]}]
