@@ -69,7 +69,7 @@ def test_the_image_runs_as_a_non_root_user_with_caches_on_volumes():
             assert var in body, (stage, var)
         assert 'VOLUME ["/cache", "/scratch"]' in body
         assert 'ENTRYPOINT ["python", "-m", "app"]' in body
-        assert f"--require-hashes -r /tmp/requirements.lock" in body or "--require-hashes" in body
+        assert re.search(r"pip install --no-cache-dir --no-deps --require-hashes", body)
         assert re.search(r"pip install --no-cache-dir --no-deps --no-build-isolation /tmp/src", body)
 
 
@@ -78,7 +78,7 @@ def test_dockerignore_lets_through_exactly_what_the_dockerfile_copies():
     sources = {src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]}
     assert sources == {"images/requirements-cpu.lock", "images/requirements-gpu.lock", "pyproject.toml", "app"}
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
-    assert ignore[ignore.index("*") if "*" in ignore else -1] == "*"  # everything else stays out
+    assert "*" in ignore  # everything else stays out of the build context
     kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert sources <= kept
 
