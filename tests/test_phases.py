@@ -103,7 +103,7 @@ def test_eval_side_by_side(small_run):
     store, run_id, _ = small_run
     path, manifest = fetch(store, run_id, "eval")
     results = manifest["metrics"]["results"]["synthetic-test"]
-    assert list(results) == ["base", "sft", "dpo"]
+    assert set(results) == {"base", "sft", "dpo"}
     for model in ("base", "sft", "dpo"):
         rows = [row for _, row in read_jsonl(path / "synthetic-test" / f"{model}.jsonl")]
         assert len(rows) == 24
