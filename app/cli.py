@@ -192,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        _record_exit_code(exc.exit_code)
         return exc.exit_code
+    except SystemExit as exc:
+        if exc.code == EXIT_CONFIG:  # argparse's exit on a bad flag: a usage error like ConfigError
+            _record_exit_code(EXIT_CONFIG)
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_RETRYABLE
@@ -202,3 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing was published (a manifest is written last); a new pod may have room: retry.
         print(f"error: disk full: {exc}", file=sys.stderr, flush=True)
         return EXIT_RETRYABLE
+
+
+def _record_exit_code(code: int) -> None:
+    """Append `code` to $PIPELINE_EXIT_CODE_FILE: torchrun exits 1 whatever its workers exit
+    with, so app/launch.py reads the workers' codes from there. Best effort: never raises."""
+    path = os.environ.get("PIPELINE_EXIT_CODE_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "a") as handle:  # one short write per worker: O_APPEND keeps lines whole
+            handle.write(f"{code}\n")
+    except Exception:  # noqa: BLE001 - the exit code itself matters more than this copy of it
+        pass

@@ -11,7 +11,8 @@
 # Options (before the command):
 #   --image IMAGE     image to run (default: gsm8k-posttrain:cpu-dev, the CPU debug image)
 #   --gpus SPEC       passed to `docker run --gpus` (all, 1, '"device=0,1"'); none by default
-#   --torchrun N      start the command with torchrun across N processes (sft, dpo)
+#   --torchrun N      start the command with torchrun across N processes (sft, dpo), through
+#                     app/launch.py so a worker's exit code 2/3 is kept (torchrun alone exits 1)
 #   --run-id ID       run id (default: debug); artifacts go to s3://gsm8k/debug/runs/<ID>/
 #   --print           print the docker commands instead of running them
 # Everything after the command is passed to `python -m app <command>`.
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
         --torchrun) TORCHRUN=$2; shift 2 ;;
         --run-id) RUN_ID=$2; shift 2 ;;
         --print) PRINT=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
         -*) echo "unknown option $1 (options go before the command)" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -108,8 +109,8 @@ if [ -t 1 ]; then
     DOCKER_ARGS+=(-it)
 fi
 if [ -n "$TORCHRUN" ]; then
-    run docker run "${DOCKER_ARGS[@]}" --entrypoint torchrun "$IMAGE" \
-        --standalone --nproc_per_node="$TORCHRUN" -m app "$COMMAND" "$@"
+    run docker run "${DOCKER_ARGS[@]}" --entrypoint python "$IMAGE" \
+        -m app.launch --nproc-per-node "$TORCHRUN" "$COMMAND" "$@"
 else
     run docker run "${DOCKER_ARGS[@]}" "$IMAGE" "$COMMAND" "$@"
 fi

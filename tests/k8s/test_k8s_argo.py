@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s.test_k8s_manifests import SECRET_NAME, app_argv, render, restricted_violations
+from tests.k8s.test_k8s_manifests import SECRET_NAME, app_argv, launched, render, restricted_violations
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
@@ -92,14 +92,15 @@ def test_every_step_is_a_valid_restricted_pod(template):
                 assert "secretKeyRef" in env["valueFrom"], env
 
 
-def test_gpu_phases_take_eight_h100s_and_torchrun_uses_them(template):
+def test_gpu_phases_take_eight_h100s_and_the_launcher_uses_them(template):
     for phase in ("sft", "rollouts", "dpo", "eval"):
         tmpl = templates(template)[phase]
         resources = tmpl["container"]["resources"]
         assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "8"
         assert tmpl["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     for phase in ("sft", "dpo"):
-        assert "--nproc_per_node=8" in templates(template)[phase]["container"]["command"]
+        nproc, argv = launched(templates(template)[phase]["container"]["command"])
+        assert nproc == 8 and argv == [phase]
     assert "nvidia.com/gpu" not in str(templates(template)["preferences"]["container"]["resources"])
 
 

@@ -152,7 +152,7 @@ def test_config_error_fails_the_job_at_once_and_stops_the_chain(kube, rendered, 
 
 
 def test_config_error_in_the_check_container_fails_fast_too(kube, rendered, tmp_path, capsys):
-    """torchrun hides its workers' exit codes; the init container's exit 2 does not."""
+    """The init container's exit 2 fails the Job before the phase (and torchrun) starts."""
     fake = kube(scripted({"sft": PodRun(init_lines=["config error: --lora-r must be positive"], init_exit_code=2)}))
     assert run_chain(fake, rendered, tmp_path, "--run-id", "r3") == 1
     out, err = capsys.readouterr()

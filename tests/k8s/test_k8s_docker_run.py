@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.k8s.test_k8s_manifests import app_argv
+from tests.k8s.test_k8s_manifests import launched
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "docker-run.sh"
@@ -60,17 +60,17 @@ def test_one_phase_on_cpu_against_minio():
     assert (name, config.run_id, config.store) == ("sft", "dbg-1", "s3://gsm8k/debug")
 
 
-def test_a_multi_gpu_phase_with_torchrun():
+def test_a_multi_gpu_phase_with_torchrun_through_the_launcher():
     *_, phase = printed("--gpus", "all", "--torchrun", "8", "--image", "gsm8k-posttrain:dev", "dpo",
                         "--preset", "abel-7b")
     assert phase[phase.index("--gpus") + 1] == "all"
-    assert phase[phase.index("--entrypoint") + 1] == "torchrun"
-    rest = after_image(phase, "gsm8k-posttrain:dev")
-    assert rest[:2] == ["--standalone", "--nproc_per_node=8"]
+    assert phase[phase.index("--entrypoint") + 1] == "python"
+    nproc, argv = launched(["python", *after_image(phase, "gsm8k-posttrain:dev")])
+    assert nproc == 8
 
     from app.cli import parse
 
-    name, config = parse(app_argv(rest), environ=container_env(phase))
+    name, config = parse(argv, environ=container_env(phase))
     assert (name, config.preset) == ("dpo", "abel-7b")
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
 GPU_PHASES = ("sft", "rollouts", "dpo", "eval")
-MULTI_GPU_PHASES = ("sft", "dpo")  # torchrun; rollouts/eval start one engine per GPU themselves
+MULTI_GPU_PHASES = ("sft", "dpo")  # app.launch -> torchrun; rollouts/eval start one engine per GPU themselves
 SCHEMA_VERSIONS = ("1.30.0", "1.37.0")
 
 
@@ -276,16 +276,18 @@ def test_local_overlay_runs_on_cpu_with_minio(rendered):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_multi_gpu_phases_use_torchrun_across_all_the_pods_gpus(rendered, overlay):
+def test_multi_gpu_phases_launch_one_worker_per_gpu_of_the_pod(rendered, overlay):
     docs = rendered[overlay]
     gpus = int(config_map(docs)["GPUS_PER_POD"])
     for phase in MULTI_GPU_PHASES:
-        c = container(phase_jobs(docs)[phase])
+        job = phase_jobs(docs)[phase]
+        c = container(job)
         limit = int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
         assert gpus == limit, f"GPUS_PER_POD={gpus} but the pod gets {limit} GPUs"
         if limit > 1:
-            assert c["command"][:2] == ["torchrun", "--standalone"]
-            assert "--nproc_per_node=$(GPUS_PER_POD)" in c["command"]
+            assert "$(GPUS_PER_POD)" in c["command"]  # follows the ConfigMap, not a copy of the number
+            nproc, argv = launched([expand(a, pod_environment(docs, job, c)) for a in c["command"]])
+            assert nproc == limit and argv[0] == phase
         else:
             assert c["command"][:3] == ["python", "-m", "app"]
 
@@ -328,8 +330,19 @@ def expand(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), arg)
 
 
+def launched(command: list[str]) -> tuple[int, list[str]]:
+    """(workers, app argv) of `python -m app.launch --nproc-per-node N <command> ...`, read by its own parser."""
+    from app.launch import parse_args
+
+    assert command[:3] == ["python", "-m", "app.launch"], command
+    args = parse_args(command[3:])
+    return args.nproc_per_node, [args.command, *args.flags]
+
+
 def app_argv(command: list[str]) -> list[str]:
-    """The argv after `-m app` (python -m app ..., torchrun ... -m app ...)."""
+    """The argv after `-m app` (python -m app ...), or after the launcher's own flags (python -m app.launch ...)."""
+    if command[:3] == ["python", "-m", "app.launch"]:
+        return launched(command)[1]
     for i in range(len(command) - 1):
         if command[i] == "-m" and command[i + 1] == "app":
             return command[i + 2:]
@@ -351,9 +364,8 @@ def test_every_job_command_parses_with_the_cli(rendered, overlay):
         assert name == phase
         assert config.run_id == "demo" and config.store == config_map(docs)["PIPELINE_STORE"]
         assert config.preset == config_map(docs)["PIPELINE_PRESET"]
-        if command[0] == "torchrun":
-            nproc = next(a for a in command if a.startswith("--nproc_per_node="))
-            assert int(nproc.split("=")[1]) == int(c["resources"]["limits"]["nvidia.com/gpu"])
+        if command[:3] == ["python", "-m", "app.launch"]:
+            assert launched(command)[0] == int(c["resources"]["limits"]["nvidia.com/gpu"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
