@@ -1,7 +1,7 @@
 """Phase 4, DPO: train the SFT policy on the preference pairs.
 
     python -m app dpo                                                  # embedded demo
-    torchrun --standalone --nproc_per_node=8 -m app dpo --preset abel-7b \\
+    python -m app.launch --nproc-per-node 8 dpo --preset abel-7b \\
         --store s3://bucket/gsm8k --run-id r1                          # reference case, 8 GPUs
 
 Policy = base + SFT LoRA, trainable. Reference = base + the same SFT LoRA, frozen:

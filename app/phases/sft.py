@@ -2,7 +2,7 @@
 
     python -m app sft                                                  # embedded demo: tiny model, CPU
     python -m app sft --preset abel-7b --store s3://bucket/gsm8k --run-id r1             # one GPU
-    torchrun --standalone --nproc_per_node=8 -m app sft --preset abel-7b \\
+    python -m app.launch --nproc-per-node 8 sft --preset abel-7b \\
         --store s3://bucket/gsm8k --run-id r1                                            # 8 GPUs
 
 Reads `--train-data` (default for abel-7b: hf:openai/gsm8k, train split) and the base
