@@ -256,11 +256,14 @@ class S3Backend:
         except Exception as exc:  # noqa: BLE001
             error = self.translate(exc, "reach")
             code, status = _error_code(_root_cause(exc))
+            # HEAD responses carry no error code: ask once more with a GET to tell bad credentials from
+            # a missing permission, and a missing bucket from an endpoint that is no S3 server at all.
             if isinstance(error, ConfigError) and status == 403:
-                # HEAD responses carry no error code: ask once more with a GET to tell bad credentials
-                # from a missing permission.
                 error = self._explain_forbidden(fast)
-            raise error from None
+            elif isinstance(error, ConfigError) and status == 404:
+                error = self._explain_not_found(fast)
+            if error is not None:
+                raise error from None
 
         probe = "/".join(p for p in (self.prefix, f".pipeline-check-{uuid.uuid4().hex[:12]}") if p)
         try:
@@ -270,6 +273,22 @@ class S3Backend:
             raise
         except Exception as exc:  # noqa: BLE001
             raise self.translate(exc, "write", probe) from None
+
+    def _explain_not_found(self, fast) -> PipelineError | None:
+        probe = "/".join(p for p in (self.prefix, ".pipeline-check-absent") if p)
+        try:
+            fast.get_object(Bucket=self.bucket, Key=probe)
+        except Exception as exc:  # noqa: BLE001
+            code, status = _error_code(_root_cause(exc))
+            if code == "NoSuchBucket":
+                return self.translate(exc, "reach")
+            if code in ("NoSuchKey",):
+                return None  # the bucket exists after all (created a moment ago)
+            if status == 404:
+                return ConfigError(f"{self.endpoint} answered 404 without an S3 error code: is AWS_ENDPOINT_URL "
+                                   f"the address of an S3 API (and bucket {self.bucket!r} right)?")
+            return self.translate(exc, "reach")
+        return None
 
     def _explain_forbidden(self, fast) -> PipelineError:
         probe = "/".join(p for p in (self.prefix, ".pipeline-check-absent") if p)

@@ -354,3 +354,42 @@ def test_with_iam_checks_on(tmp_path, s3, monkeypatch):
         assert artifacts.is_current(uri, {"v": 2})
         with pytest.raises(ConfigError, match="access denied to write"):
             artifacts.check_store(f"s3://{s3.bucket}/elsewhere")
+
+
+def test_a_phase_stops_before_loading_anything_when_the_store_is_unusable(s3, monkeypatch, capfd):
+    from app.cli import main as cli_main
+
+    started = time.monotonic()
+    assert cli_main(["sft", "--store", "s3://no-such-bucket-here/gsm8k", "--run-id", "x"]) == 2
+    assert "error: bucket 'no-such-bucket-here' does not exist" in capfd.readouterr().err
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    assert cli_main(["pipeline", "--store", s3.store, "--run-id", "x"]) == 1
+    assert f"error: cannot reach the S3 endpoint {dead}" in capfd.readouterr().err
+    assert time.monotonic() - started < 30
+
+
+def test_an_endpoint_that_is_no_s3_server_is_called_out(s3, monkeypatch):
+    """A proxy or web server answering 404 with no S3 error must not pass for a missing bucket."""
+    import http.server
+
+    class NotS3(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(ConfigError, match="answered 404 without an S3 error code"):
+            artifacts.check_store(s3.store)
+    finally:
+        server.shutdown()
