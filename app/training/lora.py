@@ -74,7 +74,17 @@ def _fused_forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[name]
     p = float(getattr(dropout, "p", 0.0)) if self.training else 0.0
     base = self.base_layer
-    return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+    weight, bias = base.weight, base.bias
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Do what autocast would do to the three matmuls (run them in its dtype), then keep it out.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _LoRALinear.apply(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                     float(self.scaling[name]), p)
+    return _LoRALinear.apply(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
                              float(self.scaling[name]), p)
 
 
@@ -97,7 +107,8 @@ def lora_linears(model):
 @contextlib.contextmanager
 def fused_lora(model):
     """Inside this block every PEFT LoRA Linear of `model` runs the fused forward; restored after."""
-    layers = lora_linears(model)
+    # Re-entrant: a layer already fused by an outer block is left to that block to restore.
+    layers = [layer for layer in lora_linears(model) if "_unfused_forward" not in layer.__dict__]
     for layer in layers:
         layer._unfused_forward = layer.forward
         layer.forward = types.MethodType(_fused_forward, layer)

@@ -62,18 +62,21 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def selected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                      index: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the positions whose target is not IGNORE: (logps (M,), their indices (M,)).
 
-    `hidden` is (T, d) for one packed row; `targets` (T,).
+    `hidden` is (T, d) for one packed row; `targets` (T,). Pass `index` (the packed batch's
+    `target_index`) to skip finding it on the device, which would make the host wait.
     """
-    index = (targets != IGNORE).nonzero().squeeze(1)
+    if index is None:
+        index = (targets != IGNORE).nonzero().squeeze(1)
     return token_logprobs(hidden.index_select(0, index), weight, targets.index_select(0, index), chunk), index
 
 
-def sequence_logprobs(hidden, weight, targets, seq_index, num_sequences: int, chunk: int = DEFAULT_CHUNK):
+def sequence_logprobs(hidden, weight, targets, seq_index, num_sequences: int, index: torch.Tensor | None = None,
+                      chunk: int = DEFAULT_CHUNK):
     """Sum of the target log-probs of each packed sequence: (num_sequences,) fp32."""
-    logps, index = selected_logprobs(hidden, weight, targets, chunk)
+    logps, index = selected_logprobs(hidden, weight, targets, index, chunk)
     sums = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device)
     return sums.index_add(0, seq_index.index_select(0, index), logps)
 

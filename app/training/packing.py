@@ -42,6 +42,7 @@ class Packed:
     position_ids: torch.Tensor  # (1, T) long, restarting at 0 per sequence
     targets: torch.Tensor  # (T,) long: the next token of the same sequence, or IGNORE
     seq_index: torch.Tensor  # (T,) long: which sequence each position belongs to
+    target_index: torch.Tensor  # (M,) long: the positions whose target is not IGNORE (found on the host: no sync)
     cu_seqlens: torch.Tensor  # (n+1,) int32: sequence boundaries
     max_seqlen: int
     num_sequences: int
@@ -50,7 +51,8 @@ class Packed:
     def to(self, device, non_blocking: bool = True) -> "Packed":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Packed(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.seq_index),
-                      move(self.cu_seqlens), self.max_seqlen, self.num_sequences, self.num_tokens)
+                      move(self.target_index), move(self.cu_seqlens), self.max_seqlen, self.num_sequences,
+                      self.num_tokens)
 
 
 def pack(sequences: list[Sequence], pin_memory: bool = False) -> Packed:
@@ -68,6 +70,7 @@ def pack(sequences: list[Sequence], pin_memory: bool = False) -> Packed:
         cu.append(cu[-1] + length)
     tensors = [torch.tensor(ids, dtype=torch.long).unsqueeze(0), torch.tensor(positions, dtype=torch.long).unsqueeze(0),
                torch.tensor(targets, dtype=torch.long), torch.tensor(seq_index, dtype=torch.long),
+               torch.tensor([i for i, t in enumerate(targets) if t != IGNORE], dtype=torch.long),
                torch.tensor(cu, dtype=torch.int32)]
     if pin_memory:
         tensors = [t.pin_memory() for t in tensors]

@@ -1,0 +1,68 @@
+"""Data parallelism for the training loops: one process per GPU under torchrun, or just one.
+
+    torchrun --standalone --nproc_per_node=8 -m app sft ...
+
+Every rank holds the whole model and the whole (tokenised) dataset, walks the same seeded
+order, takes its own slice of each optimizer step's examples, and after the backward sums the
+LoRA gradients across ranks with one all-reduce of one flat buffer (~170 MB for r=16 on a 7B
+model: about a millisecond on NVLink, against ~0.3 s of compute per step). No DDP wrapper: the
+base weights are frozen, so the adapter gradients are all there is to exchange, and the loss is
+already normalised by the global number of target tokens (or pairs), so a sum is exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): from the process group if there is one, else from torchrun's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """Join the process group when started by torchrun; returns (rank, world size, this rank's device)."""
+    rank, size = world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, size, device
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of `params` over all ranks, in one flat buffer."""
+    if world()[1] == 1:
+        return
+    for p in params:  # a rank with no examples in this step still takes part, with zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()

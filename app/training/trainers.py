@@ -1,0 +1,330 @@
+"""TRL's SFTTrainer and DPOTrainer with the fast path inside: what the sft and dpo phases run.
+
+    trainer = FastSFTTrainer(model=..., args=SFTConfig(...), train_dataset=..., peft_config=...)
+    trainer = FastDPOTrainer(model=peft_model, args=DPOConfig(...), train_dataset=...)
+
+Drop-in subclasses: TRL still prepares and tokenises the data, and the HF Trainer still owns the
+loop (sampling order, LR schedule, clipping, DDP under torchrun, logging, checkpoints and resume,
+callbacks). What changes is how one step is computed:
+
+* the collator packs the step's sequences into one row (no padding), and attention stays inside
+  each sequence (varlen flash attention, `attention.py`);
+* every LoRA projection runs fused (`lora.py`);
+* the LM head runs only on positions that carry a loss (`logits_to_keep`), and the log-softmax
+  runs in fp32 chunks whose backward is written straight into bf16 (`logprobs_from_logits`):
+  no (tokens x vocab) fp32 tensor is ever kept;
+* gradient accumulation micro-steps are merged into one larger micro-batch (the same examples
+  per optimizer step, in the same order, the same normalisation: the update is the same);
+* DPO: the reference (TRL's frozen `ref` copy of the starting adapter) runs no-grad on the same
+  packed row just before the policy, so at step 0 both are the same computation and the loss is
+  exactly ln 2, as with TRL; `precompute_reference=True` instead computes all reference log-probs
+  once, before training, in large rows (faster; step 0 then agrees only to bf16 rounding);
+* `compile=True` (the default on CUDA) compiles each decoder layer with torch.compile: norms,
+  rotary, SwiGLU and the LoRA glue fuse into few kernels (a minute or two of compilation first).
+
+The loss is TRL's: SFT, the mean over the completion tokens of the optimizer step (across
+ranks); DPO, the sigmoid loss averaged over the step's pairs, with TRL's reward metrics logged,
+so the dpo phase's step-0 check (loss ln 2, margin 0) reads them as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from trl import DPOTrainer, SFTTrainer
+
+from app.training import distributed
+from app.training.attention import packed_attention, uses_flash_varlen
+from app.training.data import Pair
+from app.training.lora import fused_lora
+from app.training.loss import dpo_sigmoid_loss
+from app.training.packing import IGNORE, Sequence, pack
+
+DEFAULT_CHUNK = 4096
+
+
+class _LogProbsFromLogits(torch.autograd.Function):
+    """log_softmax(logits.float()) gathered at `targets`, in row chunks; backward written in logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk: int):
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for s in range(0, logits.shape[0], chunk):
+            z = logits[s:s + chunk].float()
+            lse[s:s + chunk] = z.logsumexp(-1)
+            out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            # d logp_y / d z = onehot(y) - softmax(z)
+            p = (logits[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]).exp_()
+            p.scatter_add_(1, targets[s:s + ctx.chunk, None], torch.full_like(p[:, :1], -1.0))
+            grad[s:s + ctx.chunk] = p.mul_(-grad_out[s:s + ctx.chunk, None])
+        return grad, None, None
+
+
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """(M, V) logits (any float dtype), (M,) targets -> (M,) fp32 log-probs, never holding (M, V) in fp32."""
+    return _LogProbsFromLogits.apply(logits, targets, chunk)
+
+
+def _merge_accumulation(args) -> None:
+    """Per-device batch x accumulation -> one micro-batch: the same examples per optimizer step.
+
+    The sampler's permutation does not depend on the batch size, so optimizer step k sees the
+    same examples as before, and the losses below are normalised over the whole step.
+    """
+    if args.gradient_accumulation_steps > 1:
+        args.per_device_train_batch_size *= args.gradient_accumulation_steps
+        args.gradient_accumulation_steps = 1
+
+
+def _packed_forward(model, batch: dict) -> torch.Tensor:
+    """Logits (M, V) at the positions that carry a loss, from one packed row."""
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                packed_cu_seqlens=batch["packed_cu_seqlens"], packed_max_seqlen=batch["packed_max_seqlen"],
+                logits_to_keep=batch["target_index"], use_cache=False)
+    return out.logits[0]
+
+
+def _collate(sequences: list[Sequence]) -> dict:
+    p = pack(sequences)
+    targets = p.targets.unsqueeze(0)
+    return {"input_ids": p.input_ids, "position_ids": p.position_ids, "packed_cu_seqlens": p.cu_seqlens,
+            "packed_max_seqlen": p.max_seqlen, "target_index": p.target_index, "seq_index": p.seq_index,
+            # The HF Trainer counts `shift_labels` != -100 to normalise the loss over the optimizer step.
+            "labels": targets, "shift_labels": targets}
+
+
+@contextlib.contextmanager
+def _fast(model, compile: bool = False):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(packed_attention(model))
+        stack.enter_context(fused_lora(model))
+        if compile:
+            from app.training.loop import compiled_layers
+
+            stack.enter_context(compiled_layers(model))
+        yield
+
+
+def _default_compile() -> bool:
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+
+
+class PackingCollator:
+    """TRL-prepared SFT rows ({input_ids, labels with -100 off the completion}) -> one packed row."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        return _collate([Sequence(list(f["input_ids"]), [int(label != IGNORE) for label in f["labels"]])
+                         for f in features])
+
+
+class FastSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer (prompt-completion data, completion-only loss) with the fast step."""
+
+    def __init__(self, *args, merge_accumulation: bool = True, compile: bool | None = None, **kwargs):
+        self._compile = _default_compile() if compile is None else compile
+        args_ = kwargs.get("args")
+        if args_ is not None and merge_accumulation:
+            _merge_accumulation(args_)
+        if args_ is not None and getattr(args_, "padding_free", False):
+            raise ValueError("FastSFTTrainer packs by itself; leave padding_free off")
+        if args_ is not None:
+            # The NaN/Inf filter on the logged loss reads the loss back every step, so the host waits
+            # for the GPU each step; the update does not depend on it.
+            args_.logging_nan_inf_filter = False
+        kwargs.setdefault("data_collator", PackingCollator())
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # count target tokens per optimizer step (`num_items_in_batch`)
+        self.tokens_seen = 0  # real tokens through forward+backward on this rank (the bench reads it)
+
+    def train(self, *args, **kwargs):
+        with _fast(self.model, self._compile):
+            return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs["shift_labels"][0].index_select(0, inputs["target_index"])
+        self.tokens_seen += inputs["input_ids"].numel()
+        with _fast(self.accelerator.unwrap_model(model)):  # also outside train() (evaluate)
+            logps = logprobs_from_logits(_packed_forward(model, inputs), targets)
+        count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        loss = -logps.sum() / torch.as_tensor(count, device=logps.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        return (loss, None) if return_outputs else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO
+
+
+class PairCollator:
+    """TRL-prepared pairs ({prompt_ids, chosen_ids, rejected_ids, ref_*_logps}) -> one packed row.
+
+    Sequences go chosen, rejected, chosen, rejected, ...; truncated like TRL's (keep the start).
+    """
+
+    def __init__(self, max_length: int | None):
+        self.max_length = max_length
+
+    def __call__(self, features: list[dict]) -> dict:
+        seqs = []
+        for f in features:
+            seqs.extend(Pair(list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"]))
+                        .sequences(self.max_length))
+        batch = _collate(seqs)
+        # DPO normalises per pair, not per token: no `labels`, so the Trainer counts nothing.
+        batch["targets"] = batch.pop("shift_labels")[0]
+        del batch["labels"]
+        batch["num_sequences"] = len(seqs)
+        if "ref_chosen_logps" in features[0]:
+            batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features],
+                                                       dtype=torch.float32)
+        return batch
+
+
+def pair_sums(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (chosen, rejected) per pair of a packed batch, through `model`'s forward."""
+    index = batch["target_index"]
+    logps = logprobs_from_logits(_packed_forward(model, batch), batch["targets"].index_select(0, index))
+    sums = torch.zeros(batch["num_sequences"], dtype=torch.float32, device=logps.device)
+    sums = sums.index_add(0, batch["seq_index"].index_select(0, index), logps)
+    return sums[0::2], sums[1::2]
+
+
+class FastDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer (sigmoid loss, PEFT policy whose start is the reference) with the fast step."""
+
+    def __init__(self, *args, merge_accumulation: bool = True, precompute_reference: bool = False,
+                 compile: bool | None = None, reference_max_tokens: int = 16384, **kwargs):
+        args_ = kwargs.get("args")
+        if args_ is None:
+            raise ValueError("FastDPOTrainer needs args=DPOConfig(...)")
+        if merge_accumulation:
+            _merge_accumulation(args_)
+        bad = [t for t in args_.loss_type if t != "sigmoid"]
+        if bad or getattr(args_, "ld_alpha", None) is not None or getattr(args_, "rpo_alpha", None) is not None \
+                or getattr(args_, "label_smoothing", 0):
+            raise ValueError(f"FastDPOTrainer implements TRL's plain sigmoid loss only (got loss_type={args_.loss_type})")
+        if precompute_reference:
+            args_.precompute_ref_log_probs = True
+        args_.logging_nan_inf_filter = False
+        self.tokens_seen = 0
+        self._compile = _default_compile() if compile is None else compile
+        self._reference_max_tokens = reference_max_tokens
+        self.reference_seconds = 0.0
+        kwargs.setdefault("data_collator", PairCollator(args_.max_length))
+        super().__init__(*args, **kwargs)
+        if self.ref_model is not None:
+            raise ValueError("FastDPOTrainer expects a PEFT policy whose starting adapter is the reference "
+                             "(TRL's `ref` adapter copy), not a separate reference model")
+
+    def train(self, *args, **kwargs):
+        with _fast(self.model, self._compile):
+            return super().train(*args, **kwargs)
+
+    def _reference(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of the batch: precomputed, or TRL's frozen `ref` adapter on the same row.
+
+        The reference runs on the unwrapped model (outside DDP: no gradient to sync). When the layers
+        are compiled, the frozen adapter is marked trainable for this forward, so it runs the same
+        compiled graph as the policy (an inference graph fuses differently, and at step 0 the two
+        would then differ by rounding instead of being equal); nothing ever calls backward on it.
+        """
+        if "ref_chosen_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        from trl.trainer.utils import use_adapter
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        name = "ref" if "ref" in unwrapped.peft_config else None  # None: adapters off, the base is the reference
+        frozen = [p for n, p in unwrapped.named_parameters() if f".{name}." in n] if (self._compile and name) else []
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.set_grad_enabled(bool(frozen)), use_adapter(unwrapped, adapter_name=name):
+                chosen, rejected = pair_sums(unwrapped, inputs)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+        return chosen.detach(), rejected.detach()
+
+    @torch.no_grad()
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """Reference log-probs of every pair, from the policy as it starts, in large packed no-grad rows.
+
+        Each rank computes every world_size-th pair; one all-reduce shares them.
+        """
+        import time
+
+        started = time.perf_counter()
+        model = self.accelerator.unwrap_model(self.model)
+        rank, world_size = distributed.world()
+        device = self.accelerator.device
+        rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        mine = list(range(rank, len(rows), world_size))
+        mine.sort(key=lambda i: -(2 * len(rows[i]["prompt_ids"]) + len(rows[i]["chosen_ids"]) +
+                                  len(rows[i]["rejected_ids"])))
+        out = torch.zeros(len(rows), 2, dtype=torch.float32, device=device)
+        collate = PairCollator(self.args.max_length)
+        # Without flash varlen (CPU) attention costs rows^2: keep the rows short there.
+        budget = self._reference_max_tokens if uses_flash_varlen(device) else 2048
+        was_training = model.training
+        model.eval()
+        with _fast(model):
+            start = 0
+            while start < len(mine):
+                group, used = [], 0
+                while start < len(mine):
+                    r = rows[mine[start]]
+                    size = 2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                    if group and used + size > budget:
+                        break
+                    group.append(mine[start])
+                    used += size
+                    start += 1
+                batch = collate([rows[i] for i in group])
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+                    chosen, rejected = pair_sums(model, batch)
+                idx = torch.tensor(group, device=device)
+                out[idx, 0], out[idx, 1] = chosen, rejected
+        model.train(was_training)
+        out = distributed.all_reduce_sum(out).cpu()
+        self.reference_seconds = time.perf_counter() - started
+        dataset = dataset.add_column("ref_chosen_logps", out[:, 0].tolist())
+        return dataset.add_column("ref_rejected_logps", out[:, 1].tolist())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        self.tokens_seen += inputs["input_ids"].numel()
+        with _fast(self.accelerator.unwrap_model(model)):
+            ref_chosen, ref_rejected = self._reference(model, inputs)
+            chosen, rejected = pair_sums(model, inputs)
+        loss = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta).mean()
+
+        # The metrics TRL logs (the dpo phase checks the step-0 loss and margin from them).
+        chosen_rewards = self.beta * (chosen - ref_chosen).detach()
+        rejected_rewards = self.beta * (rejected - ref_rejected).detach()
+        gather = self.accelerator.gather
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+        return (loss, None) if return_outputs else loss

@@ -1,0 +1,45 @@
+import torch
+import torch.nn.functional as F
+
+from app.training.attention import block_causal_mask, packed_attention, varlen_attention
+
+
+def test_block_causal_mask():
+    mask = block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)
+    expected = torch.tensor([[1, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0],
+                             [0, 0, 1, 0, 0],
+                             [0, 0, 1, 1, 0],
+                             [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_varlen_attention_equals_attention_per_sequence():
+    torch.manual_seed(0)
+    lengths = [3, 7, 1, 5]
+    q = torch.randn(sum(lengths), 4, 8)
+    k, v = torch.randn(sum(lengths), 2, 8), torch.randn(sum(lengths), 2, 8)  # grouped KV heads
+    cu = torch.tensor([0, 3, 10, 11, 16], dtype=torch.int32)
+    out = varlen_attention(q, k, v, cu, max(lengths), scale=8 ** -0.5)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].repeat_interleave(2, 1).transpose(0, 1),
+                                             v[s:e].repeat_interleave(2, 1).transpose(0, 1), is_causal=True)
+        torch.testing.assert_close(out[s:e], ref.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_model_forward_matches_separate_forwards(tiny):
+    from app.training.packing import pack
+    from tests.training.conftest import random_sequences
+
+    model = tiny[0]
+    seqs = random_sequences(3, seed=1)
+    p = pack(seqs)
+    with torch.no_grad(), packed_attention(model):
+        packed = model(input_ids=p.input_ids, position_ids=p.position_ids, packed_cu_seqlens=p.cu_seqlens,
+                       packed_max_seqlen=p.max_seqlen).logits[0]
+    assert model.config._attn_implementation == "sdpa"  # restored
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            alone = model(input_ids=torch.tensor([seq.ids])).logits[0]
+            s, e = p.cu_seqlens[i].item(), p.cu_seqlens[i + 1].item()
+            torch.testing.assert_close(packed[s:e], alone, rtol=1e-4, atol=1e-4)
