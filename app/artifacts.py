@@ -250,9 +250,11 @@ def publish(local_dir: Path, uri: str, *, phase: str, config: dict, identity: di
 
     With `overwrite` (a `--force` rerun) an existing manifest is removed first, so the
     old artifact stops counting before anything else happens; its files are deleted
-    once the new manifest is in place. Without it, a writer that finds a manifest
-    already there loses: it raises instead of publishing. Whatever fails, no manifest is
-    left behind, and the files this attempt uploaded are removed (best effort).
+    once the new manifest is in place. The same happens without it when the existing
+    artifact is stale (same config, but built from input versions other than `inputs`).
+    Otherwise a writer that finds a manifest already there loses: it raises instead of
+    publishing. Whatever fails, no manifest is left behind, and the files this attempt
+    uploaded are removed (best effort).
     """
     started = time.monotonic()
     local_dir = Path(local_dir)
@@ -269,8 +271,12 @@ def publish(local_dir: Path, uri: str, *, phase: str, config: dict, identity: di
             previous = json.loads(raw)
         except json.JSONDecodeError:
             previous = None  # a damaged manifest counts as published; --force may replace it
-        if not overwrite:
-            if isinstance(previous, dict) and previous.get("config_hash") == this_hash:
+        same_config = isinstance(previous, dict) and previous.get("config_hash") == this_hash
+        # Built with this config from inputs that have been republished since: stale, and
+        # `is_current` says so, so the rerun that redid it replaces it without --force.
+        stale = same_config and _input_versions(previous.get("inputs")) != _input_versions(inputs)
+        if not (overwrite or stale):
+            if same_config:
                 raise StorageError(f"{uri}: another writer published this artifact (same config) first")
             raise ConfigError(f"{uri} is already published with a different config; "
                               "rerun with --force to replace it, or use another --run-id")
@@ -325,6 +331,12 @@ def publish(local_dir: Path, uri: str, *, phase: str, config: dict, identity: di
         if old_dir != attempt:
             _discard(backend, [key(join(old_dir, name) if old_dir else name) for name in previous["files"]])
     return manifest
+
+
+def _input_versions(inputs: dict | None) -> dict:
+    """{input name: manifest digest} of the artifact inputs in a lineage (other inputs ignored)."""
+    return {name: entry.get("manifest_sha256") for name, entry in (inputs or {}).items()
+            if isinstance(entry, dict) and entry.get("uri")}
 
 
 def _discard(backend: Backend, keys: list[str]) -> None:

@@ -220,3 +220,24 @@ def test_workdir_is_private_and_removed(tmp_path, monkeypatch):
         assert work.parent == tmp_path and work.name.startswith("sft-")
     assert not work.exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_an_artifact_built_from_a_replaced_input_is_stale_and_replaced_without_force(tmp_path, store):
+    sft = artifacts.phase_uri(store, "run-1", "sft")
+    rollouts = artifacts.phase_uri(store, "run-1", "rollouts")
+    sft_v1 = artifacts.publish(make_outputs(tmp_path / "sft1", "v1"), sft, phase="sft", config={})
+    artifacts.publish(make_outputs(tmp_path / "r1"), rollouts, phase="rollouts", config={"n": 8},
+                      inputs={"policy": artifacts.lineage_entry(sft, sft_v1)})
+    assert artifacts.is_current(rollouts, {"n": 8})
+
+    sft_v2 = artifacts.publish(make_outputs(tmp_path / "sft2", "v2"), sft, phase="sft", config={}, overwrite=True)
+    assert not artifacts.is_current(rollouts, {"n": 8})  # its policy was republished
+    redone = artifacts.publish(make_outputs(tmp_path / "r2", "redone"), rollouts, phase="rollouts", config={"n": 8},
+                               inputs={"policy": artifacts.lineage_entry(sft, sft_v2)})
+    assert artifacts.is_current(rollouts, {"n": 8})
+    assert "redone" in (artifacts.fetch(rollouts)[0] / "adapter_config.json").read_text()
+    # A second writer with the very same inputs is a duplicate, not a replacement.
+    with pytest.raises(StorageError, match="another writer"):
+        artifacts.publish(make_outputs(tmp_path / "r3", "dup"), rollouts, phase="rollouts", config={"n": 8},
+                          inputs={"policy": artifacts.lineage_entry(sft, sft_v2)})
+    assert artifacts.read_manifest(rollouts) == redone

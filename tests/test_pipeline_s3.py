@@ -4,7 +4,8 @@
 
 One run, made the way an interrupted run is finished: `pipeline --to preferences`
 (as if the job died after preferences), then `pipeline --from dpo`. Then a plain rerun
-must skip every phase, and a corrupted input must stop the next phase with exit code 3.
+must skip every phase, a `--force`d DPO must make the next plain run redo only eval, and
+a corrupted input must stop the next phase with exit code 3.
 The base model is the session's tiny model, published into the bucket as the `base`
 artifact, so every phase reads and writes only S3, and the lineage reaches it.
 """
@@ -107,6 +108,20 @@ def test_rerun_skips_every_phase(s3_env):
     assert digests(s3_env["store"]) == before
 
 
+def phase_flags(s3_env, phase: str) -> list[str]:
+    return ["--store", s3_env["store"], "--run-id", RUN_ID, "--base-model", s3_env["base_uri"], *SMALL_RUN_FLAGS[phase]]
+
+
+def test_a_forced_phase_makes_the_next_run_redo_only_what_depends_on_it(s3_env):
+    before = digests(s3_env["store"])
+    assert cli_main(["dpo", *phase_flags(s3_env, "dpo"), "--force"]) == 0
+    assert cli_main(["pipeline", *s3_env["flags"]]) == 0  # no --force: eval is stale and is redone
+    after = digests(s3_env["store"])
+    assert {phase for phase in PHASES if after[phase] != before[phase]} == {"dpo", "eval"}
+    eval_inputs = artifacts.read_manifest(artifacts.phase_uri(s3_env["store"], RUN_ID, "eval"))["inputs"]
+    assert after["dpo"] in json.dumps(eval_inputs)
+
+
 def test_corrupted_input_stops_the_next_phase_with_exit_code_3(s3_env, capfd):
     store, client, bucket = s3_env["store"], s3_env["client"], s3_env["bucket"]
     uri = artifacts.phase_uri(store, RUN_ID, "preferences")
@@ -117,8 +132,7 @@ def test_corrupted_input_stops_the_next_phase_with_exit_code_3(s3_env, capfd):
     client.put_object(Bucket=bucket, Key=key, Body=original + b"\n")
     dpo_before = digests(store)["dpo"]
     try:
-        dpo_flags = ["--store", store, "--run-id", RUN_ID, "--base-model", s3_env["base_uri"], *SMALL_RUN_FLAGS["dpo"]]
-        assert cli_main(["dpo", *dpo_flags, "--force"]) == 3
+        assert cli_main(["dpo", *phase_flags(s3_env, "dpo"), "--force"]) == 3
         err = capfd.readouterr().err
         assert f"{name}: size" in err and "does not match the manifest" in err
         assert digests(store)["dpo"] == dpo_before  # the published DPO adapter was not touched
