@@ -247,3 +247,63 @@ def kill_publish_midway(local_dir, uri: str, started, timeout_s: float = 60.0) -
     finally:
         proc.kill()
         proc.wait()
+
+
+class NoConditionalWritesProxy:
+    """An HTTP proxy to the S3 server that answers like a store without conditional writes.
+
+    Every PUT carrying `If-None-Match` gets `501 NotImplemented` (what S3-compatible servers
+    without the feature answer); everything else is passed through unchanged.
+    """
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+
+        parsed = urlparse(upstream)
+        host, port = parsed.hostname, parsed.port
+        self.refused = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT" and "If-None-Match" in self.headers:
+                    proxy.refused += 1
+                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                               b"<Message>A header you provided implies functionality that is not implemented"
+                               b"</Message></Error>")
+                    self.send_response(501)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                connection = http.client.HTTPConnection(host, port, timeout=30)
+                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                response = connection.getresponse()
+                data = response.read()
+                self.send_response(response.status, response.reason)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

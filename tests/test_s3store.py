@@ -393,3 +393,47 @@ def test_an_endpoint_that_is_no_s3_server_is_called_out(s3, monkeypatch):
             artifacts.check_store(s3.store)
     finally:
         server.shutdown()
+
+
+def test_a_store_without_conditional_writes_falls_back_safely(tmp_path, s3, monkeypatch, capsys):
+    from tests.s3_server import NoConditionalWritesProxy
+
+    proxy = NoConditionalWritesProxy(s3.endpoint)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        artifacts.check_store(s3.store)
+        assert "does not support conditional writes" in capsys.readouterr().err
+        backend, _ = artifacts.open_store(s3.store)
+        assert backend.conditional_writes is False and proxy.refused == 1
+
+        # Check-then-write still refuses a second publish of the same artifact...
+        uri = artifacts.phase_uri(s3.store, "run-1", "sft")
+        artifacts.publish(make_outputs(tmp_path / "a", "one"), uri, phase="sft", config={})
+        with pytest.raises(StorageError, match="another writer"):
+            artifacts.publish(make_outputs(tmp_path / "b", "two"), uri, phase="sft", config={})
+
+        # ...and in a race, whatever manifest ends up in place names a complete, consistent attempt.
+        race = artifacts.phase_uri(s3.store, "race", "sft")
+        dirs = [make_outputs(tmp_path / f"w{i}", text=f"writer {i}", files=6) for i in range(3)]
+        barrier = threading.Barrier(3)
+        results: list = [None] * 3
+
+        def write(i: int) -> None:
+            barrier.wait()
+            try:
+                results[i] = artifacts.publish(dirs[i], race, phase="sft", config={})
+            except StorageError as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        root, manifest = artifacts.fetch(race)  # every checksum holds
+        assert manifest in results
+        writer = results.index(manifest)
+        assert (root / "adapter_config.json").read_text() == (dirs[writer] / "adapter_config.json").read_text()
+        assert proxy.refused == 1  # the server was asked once; after that the store knew
+    finally:
+        proxy.close()
