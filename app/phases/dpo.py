@@ -173,7 +173,7 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     from datasets import Dataset
     from peft import PeftModel
     from transformers import AutoConfig
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     from app.models import check_adapter_matches, load_causal_lm, load_tokenizer
     from app.phases.sft import _trainer_dir
@@ -208,6 +208,8 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         data_seed=config.seed,
         dataloader_num_workers=2 if on_gpu else 0,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                         callbacks=callbacks)
+    from app.training.trainers import FastDPOTrainer  # TRL's trainer, our step (docs/PERFORMANCE.md)
+
+    trainer = FastDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tokenizer, callbacks=callbacks)
     return trainer, tokenizer

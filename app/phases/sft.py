@@ -15,7 +15,9 @@ Choices:
   annotations, ending in `#### <number>` (what the answer extractor reads) and EOS.
 - LoRA r=16 on every linear layer of the attention and MLP blocks; the base stays
   frozen in bf16, so the 7B model trains on one 80 GB GPU with no gradient checkpointing.
-- TRL's SFTTrainer does the loop (DDP under torchrun); only rank 0 publishes.
+- TRL's SFTTrainer does the loop (DDP under torchrun); only rank 0 publishes. Its step is our
+  fast path (`app.training.trainers.FastSFTTrainer`: packed rows, fused LoRA, chunked log-probs,
+  compiled layers on GPU; the same loss, docs/PERFORMANCE.md).
 - Every `--save-steps` steps a checkpoint (adapter, optimizer, scheduler, RNG states, step)
   goes to `<store>/runs/<run-id>/sft/checkpoints/`; a restarted Job resumes from the newest
   one of the same config (app/checkpoints.py, docs/RELIABILITY.md).
@@ -137,7 +139,7 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
     """TRL SFTTrainer over prompt-completion pairs, LoRA on all linear layers."""
     import torch
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from app.models import load_causal_lm, load_tokenizer, lora_config
     from app.prompts import build_prompt, sft_target
@@ -172,9 +174,11 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
         disable_tqdm=False,
         logging_first_step=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
-                         callbacks=callbacks)
+    from app.training.trainers import FastSFTTrainer
+
+    trainer = FastSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
+                             callbacks=callbacks)
     return trainer, tokenizer
 
 

@@ -7,8 +7,8 @@ which transformers passes down, untouched, to every attention call.
 
 On CUDA this is flash-attention's varlen kernel, shipped inside PyTorch
 (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10): no padding, no mask tensor, no
-wasted blocks. Elsewhere (CPU tests, older torch) it is SDPA with an explicit block-diagonal
-causal mask: slower, the same function. A call without the packed keywords (generation,
+wasted blocks. Elsewhere (CPU tests, older torch) it is one causal SDPA call per sequence:
+slower, the same function. A call without the packed keywords (generation,
 evaluation) goes to plain SDPA, so a model left in this mode still works.
 """
 
@@ -41,14 +41,6 @@ def _varlen_kernel():
 _VARLEN = _varlen_kernel()
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(T, T) bool: True where query i may attend key j (same sequence, j <= i)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
-    causal = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril()
-    return causal & (seq[:, None] == seq[None, :])
-
-
 def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scale: float):
     """query (T, Hq, D), key/value (T, Hkv, D) -> (T, Hq, D), causal within each sequence."""
     if query.is_cuda and _VARLEN is not None:
@@ -59,10 +51,13 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scale: floa
             groups = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         return kernel(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
-    mask = block_causal_mask(cu_seqlens, query.shape[0])
-    out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-                                         attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    # One causal SDPA call per sequence: sum(L_i^2) work, not T^2, and no mask tensor.
+    bounds = cu_seqlens.tolist()
+    outs = [F.scaled_dot_product_attention(query[s:e].transpose(0, 1), key[s:e].transpose(0, 1),
+                                           value[s:e].transpose(0, 1), is_causal=True, scale=scale,
+                                           enable_gqa=True).transpose(0, 1)
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs)
 
 
 def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -197,12 +197,17 @@ class PairCollator:
         return batch
 
 
-def pair_sums(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (chosen, rejected) per pair of a packed batch, through `model`'s forward."""
+def pair_sums(model, batch: dict, token_logps: bool = False):
+    """Summed completion log-probs (chosen, rejected) per pair of a packed batch, through `model`'s forward.
+
+    With `token_logps`, also the per-token log-probs and which sequence each belongs to.
+    """
     index = batch["target_index"]
     logps = logprobs_from_logits(_packed_forward(model, batch), batch["targets"].index_select(0, index))
-    sums = torch.zeros(batch["num_sequences"], dtype=torch.float32, device=logps.device)
-    sums = sums.index_add(0, batch["seq_index"].index_select(0, index), logps)
+    owner = batch["seq_index"].index_select(0, index)
+    sums = torch.zeros(batch["num_sequences"], dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
+    if token_logps:
+        return sums[0::2], sums[1::2], logps, owner
     return sums[0::2], sums[1::2]
 
 
@@ -214,12 +219,16 @@ class FastDPOTrainer(DPOTrainer):
         args_ = kwargs.get("args")
         if args_ is None:
             raise ValueError("FastDPOTrainer needs args=DPOConfig(...)")
-        if merge_accumulation:
+        self._loss_weights = dict(zip(args_.loss_type, args_.loss_weights or [1.0] * len(args_.loss_type)))
+        bad = [t for t in args_.loss_type if t not in ("sigmoid", "sft")]
+        if bad or "sigmoid" not in self._loss_weights or getattr(args_, "ld_alpha", None) is not None \
+                or getattr(args_, "rpo_alpha", None) is not None or getattr(args_, "label_smoothing", 0) \
+                or getattr(args_, "use_weighting", False):
+            raise ValueError(f"FastDPOTrainer implements TRL's sigmoid loss (optionally plus its 'sft' term) only; "
+                             f"got loss_type={args_.loss_type}")
+        # TRL's 'sft' term is a token mean per micro-batch: merging micro-batches would reweight it.
+        if merge_accumulation and "sft" not in self._loss_weights:
             _merge_accumulation(args_)
-        bad = [t for t in args_.loss_type if t != "sigmoid"]
-        if bad or getattr(args_, "ld_alpha", None) is not None or getattr(args_, "rpo_alpha", None) is not None \
-                or getattr(args_, "label_smoothing", 0):
-            raise ValueError(f"FastDPOTrainer implements TRL's plain sigmoid loss only (got loss_type={args_.loss_type})")
         if precompute_reference:
             args_.precompute_ref_log_probs = True
         args_.logging_nan_inf_filter = False
@@ -313,8 +322,10 @@ class FastDPOTrainer(DPOTrainer):
         self.tokens_seen += inputs["input_ids"].numel()
         with _fast(self.accelerator.unwrap_model(model)):
             ref_chosen, ref_rejected = self._reference(model, inputs)
-            chosen, rejected = pair_sums(model, inputs)
-        loss = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta).mean()
+            chosen, rejected, token_logps, owner = pair_sums(model, inputs, token_logps=True)
+        loss = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta).mean() * self._loss_weights["sigmoid"]
+        if "sft" in self._loss_weights:  # TRL's: mean NLL over the chosen completions' tokens of the micro-batch
+            loss = loss - token_logps[owner % 2 == 0].mean() * self._loss_weights["sft"]
 
         # The metrics TRL logs (the dpo phase checks the step-0 loss and margin from them).
         chosen_rewards = self.beta * (chosen - ref_chosen).detach()

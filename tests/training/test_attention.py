@@ -1,17 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from app.training.attention import block_causal_mask, packed_attention, varlen_attention
-
-
-def test_block_causal_mask():
-    mask = block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)
-    expected = torch.tensor([[1, 0, 0, 0, 0],
-                             [1, 1, 0, 0, 0],
-                             [0, 0, 1, 0, 0],
-                             [0, 0, 1, 1, 0],
-                             [0, 0, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(mask, expected)
+from app.training.attention import packed_attention, varlen_attention
 
 
 def test_varlen_attention_equals_attention_per_sequence():
