@@ -22,7 +22,7 @@ from app import artifacts
 from app.errors import ConfigError, InputError, StorageError
 from app.s3store import S3Backend
 from tests.s3_server import (FlakyProxy, free_port, iam_authentication, iam_user, interrupted_dir,  # noqa: F401
-                             keys_under, kill_publish_midway, moto_endpoint, new_bucket, point_at, raw_client, s3)
+                             kill_publish_midway, moto_endpoint, s3)
 
 
 def make_outputs(root: Path, text: str = "hello", files: int = 2) -> Path:
