@@ -423,8 +423,8 @@ def check_sft(base, examples, config: Config, device, log) -> dict:
     den = sum(float(g.norm() ** 2) for g in plain_grads.values())
     result = {"check_loss_plain": round(float(plain.detach()), 5), "check_loss_ours": round(float(fast.detach()), 5),
               "check_grad_rel_diff": round(math.sqrt(num / max(den, 1e-30)), 5),
-              "check_loss_plain_repadded": round(float(plain2), 5), "check_grad_rel_noise": round(noise, 5)}
-    log(f"sft check: plain loss {float(plain):.5f} (re-padded {float(plain2):.5f}), fast loss {float(fast):.5f} "
+              "check_loss_plain_repadded": round(float(plain2.detach()), 5), "check_grad_rel_noise": round(noise, 5)}
+    log(f"sft check: plain loss {float(plain):.5f} (re-padded {float(plain2.detach()):.5f}), fast loss {float(fast):.5f} "
         f"({n} target tokens); gradient relative difference fast vs plain {result['check_grad_rel_diff']}, "
         f"plain vs plain re-padded {result['check_grad_rel_noise']}")
     _restore_base(model)
