@@ -166,7 +166,7 @@ class HFGenerator:
         elif pad_id is not None and pad_id != eos_id:
             ids = [t for t in ids if t != pad_id]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text) if sampling.stop else (text, False)
+        text, stopped = cut_at_stop(text, sampling.stop)  # the caller's stops, as vLLM applies them
         num_tokens = len(ids)
         if stopped:
             num_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

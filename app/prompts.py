@@ -56,9 +56,9 @@ def sft_target(reference_solution: str) -> str:
     return _CALCULATOR.sub("", reference_solution).strip()
 
 
-def cut_at_stop(text: str) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: tuple[str, ...] = STOP_STRINGS) -> tuple[str, bool]:
     """(text up to the first stop string, whether one was found)."""
-    positions = [text.find(s) for s in STOP_STRINGS if s in text]
+    positions = [text.find(s) for s in stops if s in text]
     if not positions:
         return text, False
     return text[: min(positions)], True
