@@ -386,7 +386,7 @@ def check_sft(base, examples, config: Config, device, log) -> dict:
 
     from app.training.loss import reference_token_loss
     from app.training.packing import pad
-    from app.training.trainers import PackingCollator, FastSFTTrainer, _fast, _packed_forward, logprobs_from_logits
+    from app.training.trainers import PackingCollator, _fast, _packed_forward, logprobs_from_logits
 
     model = lora_model(base, config, 0.0)  # dropout off: both paths must see the same function
     torch.manual_seed(config.seed + 7)
@@ -472,7 +472,6 @@ def _sft_adapter(base, config: Config, seed: int):
 def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[object, list[dict], dict]:
     import time as _time
 
-    import torch
     from datasets import Dataset
     from trl import DPOConfig
 

@@ -13,7 +13,7 @@ marked `truncated`, so scoring can exclude it instead of reading a cut-off numbe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 

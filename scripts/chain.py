@@ -198,7 +198,6 @@ def plan(jobs: dict[str, dict], run_id: str, store: str, *, start: str, stop: st
         else:
             phase_steps = [Step(phase, job)]
         steps.extend(phase_steps)
-        step = phase_steps[0]
         if check_store and not force:
             uri = phase_uri(store, run_id, phase)
             try:

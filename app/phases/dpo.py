@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from app import artifacts
 from app.config import RunConfig, option, require
 from app.errors import InputError
-from app.log import banner, log, log_config
+from app.log import log
+from app.phases import begin
 
 LN2 = math.log(2)
 
@@ -68,13 +69,9 @@ class Config(RunConfig):
 
 
 def main(config: Config) -> dict | None:
-    banner(f"dpo  run={config.run_id}")
-    log_config(config)
     out_uri = artifacts.phase_uri(config.store, config.run_id, "dpo")
-    artifacts.check_store(config.store)
-    if not config.force and artifacts.is_current(out_uri, config.identity()):
-        log(f"dpo: {out_uri} is already published with this config; nothing to do (--force to redo)")
-        return artifacts.read_manifest(out_uri)
+    if (published := begin("dpo", out_uri, config)) is not None:
+        return published
     started = time.time()
     prefs_uri = artifacts.phase_uri(config.store, config.run_id, "preferences")
     sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")

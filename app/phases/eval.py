@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from app import artifacts
 from app.config import RunConfig, option, require
-from app.log import banner, log, log_config
+from app.log import log
+from app.phases import begin
 
 MODEL_ORDER = ("base", "sft", "dpo")
 
@@ -90,13 +91,9 @@ def output_uri(config: Config) -> str:
 
 
 def main(config: Config) -> dict | None:
-    banner(f"eval  run={config.run_id}  shard={config.shard_index}/{config.num_shards}")
-    log_config(config)
     out_uri = output_uri(config)
-    artifacts.check_store(config.store)
-    if not config.force and artifacts.is_current(out_uri, config.identity()):
-        log(f"eval: {out_uri} is already published with this config; nothing to do (--force to redo)")
-        return artifacts.read_manifest(out_uri)
+    if (published := begin("eval", out_uri, config, f"shard={config.shard_index}/{config.num_shards}")) is not None:
+        return published
     started = time.time()
 
     adapters, inputs = {}, {}

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from app import artifacts
 from app.config import RunConfig, option, require
-from app.log import banner, log, log_config
+from app.log import log
+from app.phases import begin
 
 
 @dataclass
@@ -31,13 +32,9 @@ class Config(RunConfig):
 
 
 def main(config: Config) -> dict | None:
-    banner(f"merge {config.phase}  run={config.run_id}  shards={config.num_shards}")
-    log_config(config)
-    artifacts.check_store(config.store)
     out_uri = artifacts.phase_uri(config.store, config.run_id, config.phase)
-    if not config.force and artifacts.is_current(out_uri, config.identity()):
-        log(f"merge: {out_uri} is already published with this config; nothing to do (--force to redo)")
-        return artifacts.read_manifest(out_uri)
+    if (published := begin(f"merge {config.phase}", out_uri, config, f"shards={config.num_shards}")) is not None:
+        return published
     from app.data import read_jsonl, write_jsonl
     from app.shards import fetch_shards
 

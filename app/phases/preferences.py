@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from app import artifacts
 from app.config import RunConfig, option, require
 from app.errors import InputError
-from app.log import banner, log, log_config
+from app.log import log
+from app.phases import begin
 
 
 @dataclass
@@ -49,13 +50,9 @@ class Config(RunConfig):
 
 
 def main(config: Config) -> dict | None:
-    banner(f"preferences  run={config.run_id}")
-    log_config(config)
     out_uri = artifacts.phase_uri(config.store, config.run_id, "preferences")
-    artifacts.check_store(config.store)
-    if not config.force and artifacts.is_current(out_uri, config.identity()):
-        log(f"preferences: {out_uri} is already published with this config; nothing to do (--force to redo)")
-        return artifacts.read_manifest(out_uri)
+    if (published := begin("preferences", out_uri, config)) is not None:
+        return published
     started = time.time()
     rollouts_uri = artifacts.phase_uri(config.store, config.run_id, "rollouts")
     rollouts_dir, rollouts_manifest = artifacts.fetch(rollouts_uri)

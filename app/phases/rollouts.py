@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from app import artifacts
 from app.config import RunConfig, option, require
 from app.errors import StorageError
-from app.log import banner, log, log_config
+from app.log import log
+from app.phases import begin
 
 
 def _default_shard_index() -> int:
@@ -110,13 +111,9 @@ def output_uri(config: Config) -> str:
 
 
 def main(config: Config) -> dict | None:
-    banner(f"rollouts  run={config.run_id}  shard={config.shard_index}/{config.num_shards}")
-    log_config(config)
     out_uri = output_uri(config)
-    artifacts.check_store(config.store)
-    if not config.force and artifacts.is_current(out_uri, config.identity()):
-        log(f"rollouts: {out_uri} is already published with this config; nothing to do (--force to redo)")
-        return artifacts.read_manifest(out_uri)
+    if (published := begin("rollouts", out_uri, config, f"shard={config.shard_index}/{config.num_shards}")) is not None:
+        return published
     sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
     sft_dir, sft_manifest = artifacts.fetch(sft_uri)
 

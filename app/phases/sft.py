@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from app import artifacts
 from app.config import RunConfig, option, require
-from app.log import banner, log, log_config
+from app.log import log
+from app.phases import begin
 
 
 @dataclass
@@ -71,13 +72,9 @@ class Config(RunConfig):
 
 
 def main(config: Config) -> dict | None:
-    banner(f"sft  run={config.run_id}")
-    log_config(config)
     out_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
-    artifacts.check_store(config.store)
-    if not config.force and artifacts.is_current(out_uri, config.identity()):
-        log(f"sft: {out_uri} is already published with this config; nothing to do (--force to redo)")
-        return artifacts.read_manifest(out_uri)
+    if (published := begin("sft", out_uri, config)) is not None:
+        return published
 
     started = time.time()
     from app.data import load_problems
