@@ -25,8 +25,13 @@ KILLED_EXIT_CODE = 137
 
 
 def fingerprint_rows(inputs: dict) -> list[str]:
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    return [hashlib.sha256(str(row[m.bool()].tolist()).encode()).hexdigest()[:16] for row, m in zip(ids, mask)]
+    """One fingerprint per training sequence, from a padded batch or a packed row (the fast trainers')."""
+    if "packed_cu_seqlens" in inputs:
+        flat, bounds = inputs["input_ids"].reshape(-1).tolist(), inputs["packed_cu_seqlens"].tolist()
+        rows = [flat[start:end] for start, end in zip(bounds, bounds[1:])]
+    else:
+        rows = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+    return [hashlib.sha256(str(row).encode()).hexdigest()[:16] for row in rows]
 
 
 def instrument(trainer, record: Path):
