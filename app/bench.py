@@ -9,11 +9,12 @@ values), a word-level tokenizer (one word = one token, so lengths are exact) and
 data (prompt ~110 tokens, completion ~130, rejected ~150; taken from a sample of real GSM8K
 lengths, or from `--lengths path/to/gsm8k.jsonl`). Then, per phase:
 
-  sft       ours: `app.training.loop.train_sft`, the code the sft phase runs, at the phase's
-            settings (LoRA r=16 on all linear layers, dropout 0.05, batch 16, cosine schedule);
+  sft       ours: `app.training.trainers.FastSFTTrainer`, the trainer the sft phase runs, at the
+            phase's settings (LoRA r=16 on all linear layers, dropout 0.05, batch 16, cosine);
             peer: TRL `SFTTrainer` at its defaults (batch 2, accum 2, gradient checkpointing).
-  dpo       ours: `precompute_reference` + `train_dpo` (batch 2, accum 2, beta 0.1);
-            peer: TRL `DPOTrainer` at its defaults (same batch, reference via a frozen adapter copy).
+  dpo       ours: `app.training.trainers.FastDPOTrainer`, the dpo phase's trainer (batch 2,
+            accum 2, beta 0.1); peer: TRL `DPOTrainer` at its defaults (same batch, reference
+            via a frozen adapter copy).
   generate  ours: `app.generation`'s backend (vLLM where installed, else its HF path);
             peer: HF `generate`, batch 64, sampling.
 

@@ -8,6 +8,8 @@ manifests it was told to expect, never a listing, and publishes the phase artifa
 
 from __future__ import annotations
 
+import os
+
 from app import artifacts
 from app.errors import InputError
 
@@ -26,6 +28,17 @@ def shard_slice(items: list, index: int, num_shards: int) -> list:
 
 def shard_uri(phase_uri: str, index: int) -> str:
     return artifacts.join(phase_uri, "shards", f"{index:05d}")
+
+
+def default_shard_index() -> int:
+    """This pod's shard: Kubernetes sets JOB_COMPLETION_INDEX in each pod of an Indexed Job."""
+    return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+
+
+def output_uri(config, phase: str) -> str:
+    """Where a sharded phase (rollouts, eval) publishes: its own artifact, or its shard's."""
+    uri = artifacts.phase_uri(config.store, config.run_id, phase)
+    return shard_uri(uri, config.shard_index) if config.num_shards > 1 else uri
 
 
 def fetch_shards(phase_uri: str, num_shards: int) -> list[tuple]:

@@ -26,6 +26,7 @@ from app import artifacts
 from app.config import RunConfig, option, require
 from app.log import log
 from app.phases import begin
+from app.shards import default_shard_index, output_uri, shard_slice
 
 MODEL_ORDER = ("base", "sft", "dpo")
 
@@ -47,7 +48,7 @@ class Config(RunConfig):
 
     def __post_init__(self):
         if self.shard_index is None:
-            self.shard_index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+            self.shard_index = default_shard_index()
 
     def validate(self) -> None:
         super().validate()
@@ -81,17 +82,8 @@ def dataset_name(spec: str) -> str:
     return os.path.splitext(os.path.basename(spec))[0] or "data"
 
 
-def output_uri(config: Config) -> str:
-    uri = artifacts.phase_uri(config.store, config.run_id, "eval")
-    if config.num_shards > 1:
-        from app.shards import shard_uri
-
-        return shard_uri(uri, config.shard_index)
-    return uri
-
-
 def main(config: Config) -> dict | None:
-    out_uri = output_uri(config)
+    out_uri = output_uri(config, "eval")
     if (published := begin("eval", out_uri, config, f"shard={config.shard_index}/{config.num_shards}")) is not None:
         return published
     started = time.time()
@@ -104,7 +96,6 @@ def main(config: Config) -> dict | None:
             adapters[name], inputs[name] = str(path), artifacts.lineage_entry(uri, manifest)
 
     from app.data import load_problems
-    from app.shards import shard_slice
 
     datasets = {}
     for name, spec in config.datasets().items():

@@ -29,7 +29,6 @@ generate neither, as long as --chunk-size is a multiple of --question-batch-size
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -38,10 +37,7 @@ from app.config import RunConfig, option, require
 from app.errors import StorageError
 from app.log import log
 from app.phases import begin
-
-
-def _default_shard_index() -> int:
-    return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+from app.shards import default_shard_index, output_uri, shard_slice
 
 
 @dataclass
@@ -68,7 +64,7 @@ class Config(RunConfig):
 
     def __post_init__(self):
         if self.shard_index is None:
-            self.shard_index = _default_shard_index()
+            self.shard_index = default_shard_index()
 
     def validate(self) -> None:
         super().validate()
@@ -101,24 +97,14 @@ class Config(RunConfig):
         return values
 
 
-def output_uri(config: Config) -> str:
-    uri = artifacts.phase_uri(config.store, config.run_id, "rollouts")
-    if config.num_shards > 1:
-        from app.shards import shard_uri
-
-        return shard_uri(uri, config.shard_index)
-    return uri
-
-
 def main(config: Config) -> dict | None:
-    out_uri = output_uri(config)
+    out_uri = output_uri(config, "rollouts")
     if (published := begin("rollouts", out_uri, config, f"shard={config.shard_index}/{config.num_shards}")) is not None:
         return published
     sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
     sft_dir, sft_manifest = artifacts.fetch(sft_uri)
 
     from app.data import load_problems
-    from app.shards import shard_slice
 
     started = time.time()
     problems, report = load_problems(config.rollout_data, split="train", limit=config.rollout_limit or None,

@@ -8,7 +8,7 @@ Small components, each tested on its own against the plain Hugging Face path:
     lora.py       a fused LoRA linear: bf16 matmuls, fp32 adapter weights, saves only its input
     loss.py       per-token log-probs straight from hidden states, in chunks (no full fp32 logits),
                   the SFT token-mean loss and the DPO sigmoid loss
-    loop.py       the SFT and DPO training loops (one process or torchrun DDP)
+    loop.py       our own SFT loop without the HF Trainer (one process or torchrun DDP), for the ablation
     flops.py      FLOPs per token and MFU, for the bench's report
 
 What is learned is unchanged: the same examples per optimizer step, the same loss on them

@@ -1,19 +1,17 @@
-"""The SFT and DPO training loops of the fast path.
+"""Our own SFT loop over the fast-path components, without the HF Trainer.
 
-Both take a PEFT LoRA model (base weights frozen) and tokenised data, and do what TRL's
-trainers do with the same settings: the same examples per optimizer step (per-device batch x
+The phases run TRL's trainers with these components inside (`trainers.py`); this loop is the
+ablation and upper bound that `python -m app.training.variants` measures (docs/perf-notes.md).
+It takes a PEFT LoRA model (base weights frozen) and tokenised data, and does what TRL's
+SFTTrainer does with the same settings: the same examples per optimizer step (per-device batch x
 gradient accumulation x ranks, in a seeded shuffled order, last batch kept), the same loss on
-them (SFT: mean over all target tokens of the step; DPO: TRL's sigmoid loss, mean over the
-step's pairs, against a frozen reference), AdamW with transformers' LR schedules and gradient
-clipping at `max_grad_norm`. What differs is how a step is computed:
+them (mean over all target tokens of the step), AdamW with transformers' LR schedules and
+gradient clipping at `max_grad_norm`. What differs is how a step is computed:
 
 * the step's sequences are packed into rows of at most `max_tokens` tokens (no padding),
   attention never crosses a sequence boundary (varlen flash attention);
 * LoRA projections run fused (`lora.fused_lora`), no gradient checkpointing by default;
 * log-probs come from hidden states in chunks (`loss.token_logprobs`), never full fp32 logits;
-* DPO's reference log-probs are computed once, before training, in large no-grad batches
-  (`precompute_reference`): the reference is the policy as it starts (the SFT adapter), so
-  these are exactly TRL's reference log-probs, and the training step runs only the policy;
 * gradient accumulation micro-steps are merged into one packed row when they fit, so "large
   micro-batches" never change the update;
 * the host never waits for the GPU inside a step (losses are read back only when logged).
@@ -31,9 +29,8 @@ import torch
 
 from app.training import distributed
 from app.training.attention import packed_attention
-from app.training.data import Pair
 from app.training.lora import fused_lora
-from app.training.loss import dpo_sigmoid_loss, selected_logprobs, sequence_logprobs
+from app.training.loss import selected_logprobs
 from app.training.packing import Packed, Sequence, pack, split_by_tokens
 
 
@@ -247,116 +244,3 @@ def _peak_memory(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
     return torch.cuda.max_memory_allocated(device) / 2**30
-
-
-# ---------------------------------------------------------------------------------------------
-# DPO
-
-
-def _pair_groups(pairs: list[Pair], max_tokens: int, max_length: int | None):
-    """Micro-batches of whole pairs, each at most `max_tokens` tokens (chosen + rejected)."""
-    groups, current, used = [], [], 0
-    for pair in pairs:
-        chosen, rejected = pair.sequences(max_length)
-        size = len(chosen.ids) + len(rejected.ids)
-        if current and used + size > max_tokens:
-            groups.append(current)
-            current, used = [], 0
-        current.append((chosen, rejected))
-        used += size
-    if current:
-        groups.append(current)
-    return groups
-
-
-def pair_logprobs(model, group: list[tuple[Sequence, Sequence]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of (chosen, rejected) for each pair of `group`, in one packed row."""
-    seqs = [seq for pair in group for seq in pair]
-    batch = pack(seqs, pin_memory=device.type == "cuda").to(device)
-    sums = sequence_logprobs(packed_hidden(model, batch), lm_head_weight(model), batch.targets, batch.seq_index,
-                             batch.num_sequences, batch.target_index)
-    return sums[0::2], sums[1::2]
-
-
-@torch.no_grad()
-def precompute_reference(model, pairs: list[Pair], settings: Settings, device=None) -> torch.Tensor:
-    """(N, 2) fp32 reference log-probs (chosen, rejected) of the pairs, from `model` as it is now.
-
-    The pairs are grouped into packed rows exactly as the first epoch's training steps will
-    group them, so each reference forward is the same computation as the policy's first
-    forward on that pair: at step 0 policy and reference agree to the last bit and the loss is
-    exactly ln 2, as with TRL. Each rank computes the pairs it will train on; one all-reduce
-    gives every rank all of them. Pairs no step uses (`max_steps`) stay 0.
-    """
-    rank, world_size, default_device = distributed.setup()
-    device = torch.device(device) if device is not None else default_device
-    was_training = model.training
-    if settings.disable_dropout:
-        _disable_dropout(model)
-    model.eval()
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device)
-    seen: set[int] = set()
-    with fast_path(model, Settings(fuse_lora=settings.fuse_lora)):
-        for indices in step_plan(len(pairs), settings, world_size):
-            mine = [i for i in indices[rank::world_size]]
-            if seen.issuperset(mine):
-                continue  # a later epoch: already computed
-            position = 0
-            for group in _pair_groups([pairs[i] for i in mine], settings.max_tokens, settings.max_length):
-                chosen, rejected = pair_logprobs(model, group, device)
-                idx = torch.tensor(mine[position:position + len(group)], device=device)
-                out[idx, 0], out[idx, 1] = chosen, rejected
-                position += len(group)
-            seen.update(mine)
-    model.train(was_training)
-    return distributed.all_reduce_sum(out)
-
-
-def train_dpo(model, pairs: list[Pair], reference: torch.Tensor, settings: Settings, device=None,
-              log: Callable[[str], None] = _log_default, on_step: Callable[[int], None] | None = None) -> Result:
-    """Train `model` (PEFT LoRA, starting from the reference adapter) on `pairs` with the sigmoid DPO loss.
-
-    `reference` is `precompute_reference(model, pairs, ...)`, taken before any update.
-    """
-    rank, world_size, default_device = distributed.setup()
-    device = torch.device(device) if device is not None else default_device
-    plan = step_plan(len(pairs), settings, world_size)
-    params, optimizer, scheduler = _optimizer(model, settings, len(plan), device)
-    if settings.disable_dropout:
-        _disable_dropout(model)
-    model.train()
-    reference = reference.to(device)
-    result = Result()
-    running, running_steps = torch.zeros((), device=device), 0
-    start = time.perf_counter()
-    with fast_path(model, settings):
-        for step, indices in enumerate(plan, start=1):
-            mine = indices[rank::world_size]
-            position = 0
-            total = torch.zeros((), device=device)
-            for group in _pair_groups([pairs[i] for i in mine], settings.max_tokens, settings.max_length):
-                chosen, rejected = pair_logprobs(model, group, device)
-                ref = reference[torch.tensor(mine[position:position + len(group)], device=device)]
-                losses = dpo_sigmoid_loss(chosen, rejected, ref[:, 0], ref[:, 1], settings.beta)
-                loss = losses.sum() / len(indices)
-                loss.backward()
-                total += loss.detach()
-                position += len(group)
-                result.tokens += sum(len(s.ids) for pair in group for s in pair)
-            running += total
-            distributed.all_reduce_grads(params)
-            _optimizer_step(params, optimizer, scheduler, settings)
-            result.examples += len(mine)
-            running_steps += 1
-            if on_step is not None:
-                on_step(step)
-            if step % settings.log_every == 0 or step == len(plan):
-                value = float(distributed.all_reduce_sum(running.clone())) / running_steps
-                result.losses.append((step, value))
-                log(f"dpo step {step}/{len(plan)} loss {value:.4f} lr {scheduler.get_last_lr()[0]:.3g}")
-                running.zero_()
-                running_steps = 0
-    result.steps = len(plan)
-    result.seconds = time.perf_counter() - start
-    result.peak_memory_gib = _peak_memory(device)
-    return result
