@@ -98,6 +98,10 @@ class Config:
     gen_new_tokens: int = option(128, "generate: new tokens per prompt (random weights rarely stop early)")
     gen_batch_size: int = option(256, "generate: our backend's batch size (the abel-7b preset's question batch)")
     peer_gen_batch_size: int = option(64, "generate: HF generate's batch size for the peer")
+    profile_steps: int = option(0, "after the timed steps, this many more under torch.profiler: GPU busy share, "
+                                "host syncs, top kernels and host ops (in the log and the JSON)")
+    profile_peer: bool = option(False, "also profile the peer's steps (with --profile-steps)")
+    trace_dir: str = option("", "with --profile-steps, also write Chrome traces (<phase>.json) to this directory")
     seed: int = option(0, "seed for weights and data")
     out: str = option("", "also write the results as JSON to this path")
 
@@ -280,22 +284,35 @@ def _row(phase: str, who: str, device, **values) -> dict:
 # Timing a TRL-style trainer (ours and the peer go through the same harness)
 
 
-def time_trainer(trainer, device, warm: int) -> dict:
-    """Train (max_steps = warm + timed) and time the steps after `warm`, counting real tokens.
+def time_trainer(trainer, device, warm: int, timed: int, profile_steps: int = 0, trace_path: str = "") -> dict:
+    """Train (max_steps = warm + timed + profile_steps) and time steps warm+1 .. warm+timed, counting real tokens.
 
     Ours count in `compute_loss` (their loader may run in worker processes); the peer's collator
-    is wrapped (its loader runs in this process, TRL's default).
+    is wrapped (its loader runs in this process, TRL's default). With `profile_steps`, that many
+    more steps run under torch.profiler after the timed ones (the timing never includes it).
     """
     from transformers import TrainerCallback
 
-    counter = {"tokens": 0, "at_start": 0}
+    from app.training.profiling import StepProfiler, format_summary
+
+    counter = {"tokens": 0, "at_start": 0, "at_end": None}
     timer = Timer(warm, device)
+    own_count = hasattr(trainer, "tokens_seen")
+
+    def seen() -> int:
+        return trainer.tokens_seen if own_count else counter["tokens"]
+
+    step_ends: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())  # host time, no sync: shows outliers (recompiles, recordings)
             timer(state.global_step)
             if state.global_step == warm:
-                counter["at_start"] = getattr(trainer, "tokens_seen", counter["tokens"])
+                counter["at_start"] = seen()
+            elif state.global_step == warm + timed:
+                timer.stop()
+                counter["at_end"] = seen()
 
     collate = trainer.data_collator
 
@@ -305,18 +322,43 @@ def time_trainer(trainer, device, warm: int) -> dict:
         counter["tokens"] += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
 
-    own_count = hasattr(trainer, "tokens_seen")
     if not own_count:
         trainer.data_collator = counting
     trainer.add_callback(Clock())
+    profiler = StepProfiler(warm + timed, profile_steps, device, trace_path)
+    if profile_steps:
+        trainer.add_callback(profiler.callback())
     reset_memory(device)
     trainer.train()
-    seconds = timer.stop()
-    steps = trainer.state.global_step - warm
+    if counter["at_end"] is None:  # fewer steps than asked (a tiny dataset): time what ran
+        timer.stop()
+        counter["at_end"] = seen()
+    steps = min(trainer.state.global_step, warm + timed) - warm
     # The loader may run one micro-batch ahead of the optimizer; over the timed steps that is noise.
-    total = trainer.tokens_seen if own_count else counter["tokens"]
-    return {"seconds": seconds, "steps": steps, "tokens": total - counter["at_start"],
-            "peak_gib": peak_gib(device), "log": [h for h in trainer.state.log_history if "loss" in h]}
+    run = {"seconds": timer.end - timer.start, "steps": steps, "tokens": counter["at_end"] - counter["at_start"],
+           "peak_gib": peak_gib(device), "log": [h for h in trainer.state.log_history if "loss" in h],
+           "step_ms": [round(1e3 * (b - a)) for a, b in zip(step_ends, step_ends[1:])]}
+    if profiler.summary is not None:
+        run["profile"] = profiler.summary
+        print(format_summary(profiler.summary), flush=True)
+    return run
+
+
+def _compiled(config: Config) -> str:
+    return ", compiled" if config.compile else ""
+
+
+def _profile(run: dict) -> dict:
+    return {"profile": run["profile"]} if "profile" in run else {}
+
+
+def _trace(config: Config, name: str) -> str:
+    if not (config.trace_dir and config.profile_steps):
+        return ""
+    import os
+
+    os.makedirs(config.trace_dir, exist_ok=True)
+    return os.path.join(config.trace_dir, f"{name}.json")
 
 
 def _common_args(config: Config, device, prefix: str, workers: int = 0) -> dict:
@@ -357,22 +399,24 @@ def bench_sft(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     base = _restore_base(base) if hasattr(base, "unload") else base
     # The sft phase's settings (app/phases/sft.py), with TRL's trainer class swapped for ours.
     args = SFTConfig(per_device_train_batch_size=config.sft_batch_size, gradient_accumulation_steps=config.sft_grad_accum,
-                     max_steps=config.warmup_steps + config.steps, learning_rate=2e-4, lr_scheduler_type="cosine",
+                     max_steps=config.warmup_steps + config.steps + config.profile_steps, learning_rate=2e-4, lr_scheduler_type="cosine",
                      warmup_steps=0.03, logging_steps=10**6, max_length=1024, completion_only_loss=True,
                      gradient_checkpointing=False,
                      **_common_args(config, device, "bench-sft-", workers=2 if device.type == "cuda" else 0))
     trainer = FastSFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
-                             compile=config.compile and device.type == "cuda")
-    run = time_trainer(trainer, device, config.warmup_steps)
+                             compile=config.compile and device.type == "cuda",)
+    run = time_trainer(trainer, device, config.warmup_steps, config.steps, config.profile_steps,
+                       _trace(config, "sft"))
     base = _restore_base(trainer.model)
     rate = run["tokens"] / run["seconds"]
     fpt = flops.lora_train_flops_per_token(base.config, mean_len, n_lora)
     rows_out = [_row("sft", "ours", device, tokens_per_s=round(rate), peak_gib=run["peak_gib"],
                      mfu=_round(flops.mfu(rate * fpt, device_name(device))),
                      setting=f"FastSFTTrainer, batch {config.sft_batch_size}x{config.sft_grad_accum}: packed varlen, "
-                             f"fused LoRA, chunked log-probs, no checkpointing{', compiled' if config.compile else ''}",
-                     steps=run["steps"], seconds=round(run["seconds"], 2), **check)]
+                             f"fused LoRA, chunked log-probs, no checkpointing{_compiled(config)}",
+                     steps=run["steps"], seconds=round(run["seconds"], 2), step_ms=run["step_ms"], **check,
+                     **_profile(run))]
     log(f"sft ours: {rate:,.0f} tokens/s over {run['steps']} steps, peak {run['peak_gib']} GiB")
     if config.peer:
         rows_out.append(_guard(peer_sft, "sft", device, log, base, tokenizer, dataset, config, device, log, n_lora,
@@ -439,11 +483,12 @@ def peer_sft(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     from app.models import lora_config
     from app.training import flops
 
-    args = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps,
+    args = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0),
                      logging_steps=10**6, **_common_args(config, device, "bench-sft-peer-"))
     trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout))
-    run = time_trainer(trainer, device, 1)
+    run = time_trainer(trainer, device, 1, config.peer_steps, config.profile_steps if config.profile_peer else 0,
+                       _trace(config, "sft-peer"))
     _restore_base(trainer.model)  # takes TRL's adapter out of the shared base model
     rate = run["tokens"] / run["seconds"]
     fpt = flops.lora_train_flops_per_token(base.config, mean_len, n_lora)
@@ -451,7 +496,7 @@ def peer_sft(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     return _row("sft", "peer: TRL SFTTrainer defaults", device, tokens_per_s=round(rate), peak_gib=run["peak_gib"],
                 mfu=_round(flops.mfu(rate * fpt, device_name(device))),
                 setting="batch 2x2, gradient checkpointing, padded", steps=run["steps"],
-                seconds=round(run["seconds"], 2))
+                seconds=round(run["seconds"], 2), **_profile(run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,9 +536,9 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     check = check_dpo(model, pairs, device, log) if config.check else {}
     # The dpo phase's settings (app/phases/dpo.py), with TRL's trainer class swapped for ours.
     args = DPOConfig(per_device_train_batch_size=config.dpo_batch_size,
-                     gradient_accumulation_steps=config.dpo_grad_accum, max_steps=config.warmup_steps + config.steps,
+                     gradient_accumulation_steps=config.dpo_grad_accum, max_steps=config.warmup_steps + config.steps + config.profile_steps,
                      learning_rate=5e-6, lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=1024,
-                     logging_steps=1, gradient_checkpointing=False,
+                     logging_steps=10, logging_first_step=True, gradient_checkpointing=False,
                      **_common_args(config, device, "bench-dpo-", workers=2 if device.type == "cuda" else 0))
     reset_memory(device)
     started = _time.perf_counter()
@@ -502,7 +547,8 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                              precompute_reference=config.precompute_reference)
     setup_seconds = _time.perf_counter() - started
     ref_seconds = trainer.reference_seconds
-    run = time_trainer(trainer, device, config.warmup_steps)
+    run = time_trainer(trainer, device, config.warmup_steps, config.steps, config.profile_steps,
+                       _trace(config, "dpo"))
     step0 = run["log"][0] if run["log"] else {}
     base = _restore_base(trainer.model)
     timed_pairs = run["steps"] * config.dpo_batch_size * config.dpo_grad_accum
@@ -522,8 +568,9 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                      setting=f"FastDPOTrainer, batch {config.dpo_batch_size}x{config.dpo_grad_accum}: reference "
                              + ("precomputed in large rows" if config.precompute_reference else
                                 "= frozen adapter on the same packed row")
-                             + f", fused LoRA, chunked log-probs{', compiled' if config.compile else ''}",
-                     steps=run["steps"], seconds=round(run["seconds"], 2), **check)]
+                             + f", fused LoRA, chunked log-probs{_compiled(config)}",
+                     steps=run["steps"], seconds=round(run["seconds"], 2), step_ms=run["step_ms"], **check,
+                     **_profile(run))]
     if config.peer:
         rows_out.append(_guard(peer_dpo, "dpo", device, log, base, tokenizer, dataset, config, device, log, n_lora,
                                mean_len))
@@ -566,10 +613,11 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     from app.training import flops
 
     model = _sft_adapter(base, config, config.seed + 11)
-    args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps,
+    args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0),
                      logging_steps=1, **_common_args(config, device, "bench-dpo-peer-"))
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    run = time_trainer(trainer, device, 1)
+    run = time_trainer(trainer, device, 1, config.peer_steps, config.profile_steps if config.profile_peer else 0,
+                       _trace(config, "dpo-peer"))
     _restore_base(trainer.model)
     trainer.model_wrapped = trainer.model = trainer.ref_model = None
     rate = 4 * run["steps"] / run["seconds"]
@@ -582,7 +630,7 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
                                      device_name(device))),
                 step0_loss=step0.get("loss"),
                 setting="batch 2x2, gradient checkpointing, reference forward each step (adapter copy)",
-                steps=run["steps"], seconds=round(run["seconds"], 2))
+                steps=run["steps"], seconds=round(run["seconds"], 2), **_profile(run))
 
 
 # ---------------------------------------------------------------------------------------------

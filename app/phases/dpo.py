@@ -192,7 +192,9 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         loss_type=["sigmoid", "sft"] if config.dpo_sft_weight > 0 else ["sigmoid"],
         loss_weights=[1.0, config.dpo_sft_weight] if config.dpo_sft_weight > 0 else None,
         max_length=config.max_seq_length,
-        logging_steps=1,
+        # The first step is always logged (the reference check reads it); after that every 10th on
+        # real data: each log makes the host wait for the GPU.
+        logging_steps=1 if len(pairs) < 2000 else 10,
         logging_first_step=True,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,  # (unused when save_strategy is "no")

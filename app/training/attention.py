@@ -108,6 +108,38 @@ def _configs(model):
             yield config
 
 
+def _no_packed_detection(position_ids):
+    return None
+
+
+@contextlib.contextmanager
+def _skip_packed_detection():
+    """Turn off transformers' detection of packed rows from position ids while we train packed.
+
+    Called at the start of every forward without an attention mask, it ends in a Python `if` on
+    a GPU tensor: the host waits for the GPU (it finishes the previous step's queue) before the
+    first layer can be launched. Our attention gets the boundaries as `cu_seqlens` and its mask
+    function returns nothing, so the detection has no use here.
+    """
+    from transformers import masking_utils
+
+    global _detection_depth
+    if _detection_depth == 0:
+        _saved_detection[0] = masking_utils.find_packed_sequence_indices
+        masking_utils.find_packed_sequence_indices = _no_packed_detection
+    _detection_depth += 1
+    try:
+        yield
+    finally:
+        _detection_depth -= 1
+        if _detection_depth == 0:
+            masking_utils.find_packed_sequence_indices = _saved_detection[0]
+
+
+_detection_depth = 0
+_saved_detection: list = [None]
+
+
 @contextlib.contextmanager
 def packed_attention(model):
     """Inside this block the model's attention layers run `packed_varlen`; restored after."""
@@ -116,7 +148,8 @@ def packed_attention(model):
     try:
         for config, _ in saved:
             config._attn_implementation = NAME
-        yield model
+        with _skip_packed_detection():
+            yield model
     finally:
         for config, previous in saved:
             config._attn_implementation = previous

@@ -42,6 +42,8 @@ from app.training.loss import dpo_sigmoid_loss
 from app.training.packing import IGNORE, Sequence, pack
 
 DEFAULT_CHUNK = 4096
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
 
 
 class _LogProbsFromLogits(torch.autograd.Function):
@@ -76,6 +78,22 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, chunk: int
     return _LogProbsFromLogits.apply(logits, targets, chunk)
 
 
+def _keep_host_ahead(args) -> None:
+    """Settings under which the host never waits for the GPU inside a training step.
+
+    Each wait drains the GPU's queue, and the next kernels then wait for Python: two things the
+    HF Trainer does by default cause one per step. The NaN/Inf filter on the logged loss reads
+    the loss back every step; and accelerate copies each batch to the GPU with a blocking copy,
+    which waits for the previous step's kernels to finish. Batches are pinned and copied
+    asynchronously instead (the caching host allocator keeps a pinned buffer alive until its copy
+    has run). Neither changes the update.
+    """
+    args.logging_nan_inf_filter = False
+    args.dataloader_pin_memory = True
+    if args.accelerator_config is not None and hasattr(args.accelerator_config, "non_blocking"):
+        args.accelerator_config.non_blocking = True
+
+
 def _merge_accumulation(args) -> None:
     """Per-device batch x accumulation -> one micro-batch: the same examples per optimizer step.
 
@@ -100,6 +118,7 @@ def _collate(sequences: list[Sequence]) -> dict:
     targets = p.targets.unsqueeze(0)
     return {"input_ids": p.input_ids, "position_ids": p.position_ids, "packed_cu_seqlens": p.cu_seqlens,
             "packed_max_seqlen": p.max_seqlen, "target_index": p.target_index, "seq_index": p.seq_index,
+            "num_real_tokens": sum(len(s.ids) for s in sequences),
             # The HF Trainer counts `shift_labels` != -100 to normalise the loss over the optimizer step.
             "labels": targets, "shift_labels": targets}
 
@@ -143,9 +162,7 @@ class FastSFTTrainer(SFTTrainer):
         if args_ is not None and getattr(args_, "padding_free", False):
             raise ValueError("FastSFTTrainer packs by itself; leave padding_free off")
         if args_ is not None:
-            # The NaN/Inf filter on the logged loss reads the loss back every step, so the host waits
-            # for the GPU each step; the update does not depend on it.
-            args_.logging_nan_inf_filter = False
+            _keep_host_ahead(args_)
         kwargs.setdefault("data_collator", PackingCollator())
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # count target tokens per optimizer step (`num_items_in_batch`)
@@ -157,7 +174,7 @@ class FastSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = inputs["shift_labels"][0].index_select(0, inputs["target_index"])
-        self.tokens_seen += inputs["input_ids"].numel()
+        self.tokens_seen += inputs["num_real_tokens"]
         with _fast(self.accelerator.unwrap_model(model)):  # also outside train() (evaluate)
             logps = logprobs_from_logits(_packed_forward(model, inputs), targets)
         count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
@@ -231,8 +248,9 @@ class FastDPOTrainer(DPOTrainer):
             _merge_accumulation(args_)
         if precompute_reference:
             args_.precompute_ref_log_probs = True
-        args_.logging_nan_inf_filter = False
+        _keep_host_ahead(args_)
         self.tokens_seen = 0
+        self._pending_metrics = {"train": [], "eval": []}
         self._compile = _default_compile() if compile is None else compile
         self._reference_max_tokens = reference_max_tokens
         self.reference_seconds = 0.0
@@ -319,23 +337,31 @@ class FastDPOTrainer(DPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        self.tokens_seen += inputs["input_ids"].numel()
+        self.tokens_seen += inputs["num_real_tokens"]
         with _fast(self.accelerator.unwrap_model(model)):
             ref_chosen, ref_rejected = self._reference(model, inputs)
             chosen, rejected, token_logps, owner = pair_sums(model, inputs, token_logps=True)
         loss = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta).mean() * self._loss_weights["sigmoid"]
         if "sft" in self._loss_weights:  # TRL's: mean NLL over the chosen completions' tokens of the micro-batch
-            loss = loss - token_logps[owner % 2 == 0].mean() * self._loss_weights["sft"]
+            chosen_mask = (owner % 2 == 0).to(token_logps.dtype)  # a mask, not boolean indexing: no host sync
+            loss = loss - (token_logps * chosen_mask).sum() / chosen_mask.sum() * self._loss_weights["sft"]
 
-        # The metrics TRL logs (the dpo phase checks the step-0 loss and margin from them).
+        # The metrics TRL logs (the dpo phase checks the step-0 loss and margin from them), kept on
+        # the device until the step is logged: reading each back here (TRL's `.item()`) would make
+        # the host wait for the forward before it could launch the backward.
         chosen_rewards = self.beta * (chosen - ref_chosen).detach()
         rejected_rewards = self.beta * (rejected - ref_rejected).detach()
-        gather = self.accelerator.gather
-        metrics = self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
-        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+        per_pair = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+                                chosen_rewards - rejected_rewards, chosen.detach(), rejected.detach()])
+        self._pending_metrics[mode].append(self.accelerator.gather(per_pair.t().contiguous()).mean(0))
         return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # One read-back for all the steps since the last log.
+        for mode, pending in self._pending_metrics.items():
+            if pending:
+                for row in torch.stack(pending).tolist():
+                    for name, value in zip(DPO_METRICS, row):
+                        self._metrics[mode][name].append(value)
+                pending.clear()
+        super().log(logs, start_time)

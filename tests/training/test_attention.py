@@ -33,3 +33,17 @@ def test_packed_model_forward_matches_separate_forwards(tiny):
             alone = model(input_ids=torch.tensor([seq.ids])).logits[0]
             s, e = p.cu_seqlens[i].item(), p.cu_seqlens[i + 1].item()
             torch.testing.assert_close(packed[s:e], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_mode_skips_transformers_packed_row_detection(tiny):
+    """transformers' detection ends in a Python `if` on a GPU tensor (a host sync per forward)."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    position_ids = torch.tensor([[0, 1, 2, 0, 1]])
+    assert original(position_ids) is not None
+    with packed_attention(tiny[0]):
+        with packed_attention(tiny[0]):  # re-entrant
+            assert masking_utils.find_packed_sequence_indices(position_ids) is None
+        assert masking_utils.find_packed_sequence_indices(position_ids) is None
+    assert masking_utils.find_packed_sequence_indices is original
