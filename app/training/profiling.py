@@ -7,9 +7,10 @@ The two numbers that decide what to optimise next:
 * GPU busy: the union of the kernel intervals over the wall time of the profiled steps. Well
   below 100% means the GPU waits for the host (Python, kernel launches, a loader, a sync), and
   faster kernels would not help.
-* Host syncs: the calls that block the host until the GPU has drained its queue (`.item()`, a
-  blocking copy to the host, `cuda.synchronize`). Each one empties the queue the host had built
-  up, so the next kernels wait for Python.
+* Host syncs: the CUDA calls that block the host until the GPU has drained its queue (what
+  `.item()` on a GPU tensor, a blocking copy to the host or `cuda.synchronize` end in). Each one
+  empties the queue the host had built up, so the next kernels wait for Python. (`.item()` on a
+  CPU tensor is no sync and is not counted.) The profiler's own closing synchronize is one.
 
 Then the top kernels by GPU time, and the top host-side ops by their own CPU time.
 """
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import time
 
-SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
-            "aten::item")
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
