@@ -3,6 +3,7 @@
     python -m app bench sft                       # Mistral-7B shape, random bf16 weights, one GPU
     python -m app bench all --out bench.json      # sft, dpo and generate; results also as JSON
     python -m app bench sft --shape tiny          # a 2-layer model: checks the bench runs (CPU ok)
+    python -m app.launch --nproc-per-node 8 bench all   # data-parallel over the machine's 8 GPUs
 
 Builds a model of the given shape with random weights (throughput does not depend on their
 values), a word-level tokenizer (one word = one token, so lengths are exact) and GSM8K-length
@@ -20,9 +21,16 @@ lengths, or from `--lengths path/to/gsm8k.jsonl`). Then, per phase:
 
 Before timing, the loss check: the fast path's loss (and gradients) on one batch against the
 plain path's (padded batch, full fp32 logits, PEFT's own LoRA forward), and DPO's step-0 loss
-against ln 2. Reported: tokens/s (non-padding tokens), pairs/s, peak GPU memory, MFU (model
-FLOPs over the dense bf16 peak) and ours/peer. Numbers are medians of nothing: one timed run
-of `--steps` optimizer steps after `--warmup-steps`; treat +-5% as noise.
+against ln 2. Reported: tokens/s (non-padding tokens), pairs/s, peak GPU memory (rank 0's),
+MFU (model FLOPs per GPU over one GPU's dense bf16 peak) and ours/peer. Numbers are medians of
+nothing: one timed run of `--steps` optimizer steps after `--warmup-steps`; treat +-5% as noise.
+
+Under the launcher every rank builds the same model on its own GPU and the HF Trainer runs ours
+and the peer data-parallel (DDP), each rank on its own batches (`--*-batch-size` is per GPU);
+`generate` gives each rank every world-size-th prompt. The figures are global: tokens (pairs)
+summed over ranks, divided by the slowest rank's seconds; each row also has the per-GPU share
+and `world_size`. To read scaling, run once with 1 GPU and once with N: efficiency = N-GPU rate
+/ (N x 1-GPU rate), or directly the per-GPU figures' ratio.
 """
 
 from __future__ import annotations
@@ -277,7 +285,30 @@ def _restore_base(peft_model):
 
 
 def _row(phase: str, who: str, device, **values) -> dict:
-    return {"phase": phase, "who": who, "device": device_name(device), **values}
+    from app.training.distributed import world
+
+    return {"phase": phase, "who": who, "device": device_name(device), "world_size": world()[1], **values}
+
+
+def across_ranks(count: float, seconds: float, device) -> tuple[float, float]:
+    """(`count` summed over ranks, the slowest rank's `seconds`): a global rate is their ratio.
+
+    Each rank's Timer drained its own device; the slowest rank is the one the others wait for at
+    DDP's gradient all-reduce, so its time is the run's. One process: the arguments unchanged.
+    """
+    from app.training.distributed import world
+
+    size = world()[1]
+    if size == 1:
+        return count, seconds
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor([float(count), float(seconds)], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(every, mine)
+    every = torch.stack(every).cpu()
+    return float(every[:, 0].sum()), float(every[:, 1].max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,9 +321,12 @@ def time_trainer(trainer, device, warm: int, timed: int, profile_steps: int = 0,
     Ours count in `compute_loss` (their loader may run in worker processes); the peer's collator
     is wrapped (its loader runs in this process, TRL's default). With `profile_steps`, that many
     more steps run under torch.profiler after the timed ones (the timing never includes it).
+    Data-parallel, each rank counts its own batches; `tokens` and `seconds` come back global
+    (`across_ranks`), `peak_gib` is this rank's.
     """
     from transformers import TrainerCallback
 
+    from app.training.distributed import is_main
     from app.training.profiling import StepProfiler, format_summary
 
     counter = {"tokens": 0, "at_start": 0, "at_end": None}
@@ -335,12 +369,14 @@ def time_trainer(trainer, device, warm: int, timed: int, profile_steps: int = 0,
         counter["at_end"] = seen()
     steps = min(trainer.state.global_step, warm + timed) - warm
     # The loader may run one micro-batch ahead of the optimizer; over the timed steps that is noise.
-    run = {"seconds": timer.end - timer.start, "steps": steps, "tokens": counter["at_end"] - counter["at_start"],
+    tokens, seconds = across_ranks(counter["at_end"] - counter["at_start"], timer.end - timer.start, device)
+    run = {"seconds": seconds, "steps": steps, "tokens": round(tokens),
            "peak_gib": peak_gib(device), "log": [h for h in trainer.state.log_history if "loss" in h],
            "step_ms": [round(1e3 * (b - a)) for a, b in zip(step_ends, step_ends[1:])]}
     if profiler.summary is not None:
         run["profile"] = profiler.summary
-        print(format_summary(profiler.summary), flush=True)
+        if is_main():
+            print(format_summary(profiler.summary), flush=True)
     return run
 
 
@@ -389,6 +425,7 @@ def bench_sft(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     from app.models import lora_config
     from app.training import flops
     from app.training.data import tokenize_sft
+    from app.training.distributed import world
     from app.training.trainers import FastSFTTrainer
 
     examples = tokenize_sft(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows])
@@ -410,9 +447,10 @@ def bench_sft(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                        _trace(config, "sft"))
     base = _restore_base(trainer.model)
     rate = run["tokens"] / run["seconds"]
+    per_gpu = rate / world()[1]
     fpt = flops.lora_train_flops_per_token(base.config, mean_len, n_lora)
-    rows_out = [_row("sft", "ours", device, tokens_per_s=round(rate), peak_gib=run["peak_gib"],
-                     mfu=_round(flops.mfu(rate * fpt, device_name(device))),
+    rows_out = [_row("sft", "ours", device, tokens_per_s=round(rate), tokens_per_s_per_gpu=round(per_gpu),
+                     peak_gib=run["peak_gib"], mfu=_round(flops.mfu(per_gpu * fpt, device_name(device))),
                      setting=f"FastSFTTrainer, batch {config.sft_batch_size}x{config.sft_grad_accum}: packed varlen, "
                              f"fused LoRA, chunked log-probs, no checkpointing{_compiled(config)}",
                      steps=run["steps"], seconds=round(run["seconds"], 2), step_ms=run["step_ms"], **check,
@@ -482,6 +520,7 @@ def peer_sft(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
 
     from app.models import lora_config
     from app.training import flops
+    from app.training.distributed import world
 
     args = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0),
                      logging_steps=10**6, **_common_args(config, device, "bench-sft-peer-"))
@@ -491,10 +530,12 @@ def peer_sft(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
                        _trace(config, "sft-peer"))
     _restore_base(trainer.model)  # takes TRL's adapter out of the shared base model
     rate = run["tokens"] / run["seconds"]
+    per_gpu = rate / world()[1]
     fpt = flops.lora_train_flops_per_token(base.config, mean_len, n_lora)
     log(f"sft peer: {rate:,.0f} tokens/s")
-    return _row("sft", "peer: TRL SFTTrainer defaults", device, tokens_per_s=round(rate), peak_gib=run["peak_gib"],
-                mfu=_round(flops.mfu(rate * fpt, device_name(device))),
+    return _row("sft", "peer: TRL SFTTrainer defaults", device, tokens_per_s=round(rate),
+                tokens_per_s_per_gpu=round(per_gpu), peak_gib=run["peak_gib"],
+                mfu=_round(flops.mfu(per_gpu * fpt, device_name(device))),
                 setting="batch 2x2, gradient checkpointing, padded", steps=run["steps"],
                 seconds=round(run["seconds"], 2), **_profile(run))
 
@@ -523,6 +564,7 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
 
     from app.training import flops
     from app.training.data import tokenize_pairs
+    from app.training.distributed import world
     from app.training.trainers import FastDPOTrainer
 
     pairs = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
@@ -546,12 +588,14 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                              compile=config.compile and device.type == "cuda",
                              precompute_reference=config.precompute_reference)
     setup_seconds = _time.perf_counter() - started
-    ref_seconds = trainer.reference_seconds
+    # The precomputed reference splits the pairs over the ranks: all of them, in the slowest rank's time.
+    _, ref_seconds = across_ranks(0, trainer.reference_seconds, device)
     run = time_trainer(trainer, device, config.warmup_steps, config.steps, config.profile_steps,
                        _trace(config, "dpo"))
     step0 = run["log"][0] if run["log"] else {}
     base = _restore_base(trainer.model)
-    timed_pairs = run["steps"] * config.dpo_batch_size * config.dpo_grad_accum
+    size = world()[1]
+    timed_pairs = run["steps"] * config.dpo_batch_size * config.dpo_grad_accum * size
     train_rate = timed_pairs / run["seconds"]
     # With the inline reference the step already includes it; precomputed, its pass is added.
     ref_rate = len(pairs) / ref_seconds if ref_seconds else None
@@ -561,9 +605,11 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     log(f"dpo ours: {train_rate:.2f} pairs/s training steps, reference pass {ref_rate or 0:.1f} pairs/s "
         f"({ref_seconds:.1f}s of {setup_seconds:.1f}s setup), {end_to_end:.2f} pairs/s together; step-0 loss "
         f"{step0.get('loss')} margin {step0.get('rewards/margins')} (ln 2 = {math.log(2):.6f})")
-    rows_out = [_row("dpo", "ours", device, pairs_per_s=round(end_to_end, 2), train_pairs_per_s=round(train_rate, 2),
+    rows_out = [_row("dpo", "ours", device, pairs_per_s=round(end_to_end, 2),
+                     pairs_per_s_per_gpu=round(end_to_end / size, 2), train_pairs_per_s=round(train_rate, 2),
                      reference_pairs_per_s=round(ref_rate, 1) if ref_rate else None, tokens_per_s=round(tok_rate),
-                     peak_gib=run["peak_gib"], mfu=_round(flops.mfu(tok_rate * fpt, device_name(device))),
+                     tokens_per_s_per_gpu=round(tok_rate / size), peak_gib=run["peak_gib"],
+                     mfu=_round(flops.mfu(tok_rate / size * fpt, device_name(device))),
                      step0_loss=step0.get("loss"), step0_margin=step0.get("rewards/margins"),
                      setting=f"FastDPOTrainer, batch {config.dpo_batch_size}x{config.dpo_grad_accum}: reference "
                              + ("precomputed in large rows" if config.precompute_reference else
@@ -611,6 +657,7 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     from trl import DPOConfig, DPOTrainer
 
     from app.training import flops
+    from app.training.distributed import world
 
     model = _sft_adapter(base, config, config.seed + 11)
     args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0),
@@ -620,13 +667,15 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
                        _trace(config, "dpo-peer"))
     _restore_base(trainer.model)
     trainer.model_wrapped = trainer.model = trainer.ref_model = None
-    rate = 4 * run["steps"] / run["seconds"]
+    size = world()[1]
+    rate = 4 * run["steps"] * size / run["seconds"]  # batch 2 x accumulation 2 per rank
     tok_rate = run["tokens"] / run["seconds"]
     step0 = run["log"][0] if run["log"] else {}
     log(f"dpo peer: {rate:.2f} pairs/s, step-0 loss {step0.get('loss')}")
-    return _row("dpo", "peer: TRL DPOTrainer defaults", device, pairs_per_s=round(rate, 2), tokens_per_s=round(tok_rate),
-                peak_gib=run["peak_gib"],
-                mfu=_round(flops.mfu(tok_rate * flops.lora_train_flops_per_token(base.config, mean_len, n_lora),
+    return _row("dpo", "peer: TRL DPOTrainer defaults", device, pairs_per_s=round(rate, 2),
+                pairs_per_s_per_gpu=round(rate / size, 2), tokens_per_s=round(tok_rate),
+                tokens_per_s_per_gpu=round(tok_rate / size), peak_gib=run["peak_gib"],
+                mfu=_round(flops.mfu(tok_rate / size * flops.lora_train_flops_per_token(base.config, mean_len, n_lora),
                                      device_name(device))),
                 step0_loss=step0.get("loss"),
                 setting="batch 2x2, gradient checkpointing, reference forward each step (adapter copy)",
@@ -638,17 +687,22 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
 
 
 def bench_generate(base, tokenizer, rows, config: Config, device, log) -> tuple[object, list[dict], dict]:
+    """New tokens/s of our backend and of HF generate. Data-parallel, each rank generates every
+    world-size-th prompt; the figure is all ranks' new tokens over the slowest rank's seconds."""
     import torch
 
     from app.generation import HFGenerator, Sampling, vllm_available
     from app.training import flops
+    from app.training.distributed import world
 
+    rank, size = world()
     prompts = [r["prompt"] for r in rows[:config.gen_prompts]]
     sampling = Sampling(n=1, temperature=1.0, max_new_tokens=config.gen_new_tokens, stop=())
     base.eval()
     base.config.use_cache = True
     prompt_len = sum(len(tokenizer(p)["input_ids"]) for p in prompts) / len(prompts)
     fpt = flops.forward_flops_per_token(base.config, prompt_len + config.gen_new_tokens / 2)
+    prompts = prompts[rank::size]
     out = []
     if vllm_available():
         log("generate: vLLM is installed, but the bench builds its model in memory and vLLM loads from disk; "
@@ -666,11 +720,11 @@ def bench_generate(base, tokenizer, rows, config: Config, device, log) -> tuple[
     start = time.perf_counter()
     done = ours.generate(prompts, sampling)
     seconds = time.perf_counter() - start
-    tokens = sum(c.num_tokens for cs in done for c in cs)
+    tokens, seconds = across_ranks(sum(c.num_tokens for cs in done for c in cs), seconds, device)
     rate = tokens / seconds
     log(f"generate ours: {rate:,.0f} new tokens/s (batch {config.gen_batch_size})")
-    out.append(_row("generate", "ours", device, tokens_per_s=round(rate), peak_gib=peak_gib(device),
-                    mfu=_round(flops.mfu(rate * fpt, device_name(device))),
+    out.append(_row("generate", "ours", device, tokens_per_s=round(rate), tokens_per_s_per_gpu=round(rate / size),
+                    peak_gib=peak_gib(device), mfu=_round(flops.mfu(rate / size * fpt, device_name(device))),
                     setting=f"app.generation HF backend, batch {config.gen_batch_size}, sampling",
                     seconds=round(seconds, 2)))
     if config.peer:
@@ -686,11 +740,12 @@ def bench_generate(base, tokenizer, rows, config: Config, device, log) -> tuple[
                                        eos_token_id=tokenizer.eos_token_id)
                 new = output[:, enc["input_ids"].shape[1]:]
                 tokens += int((new != tokenizer.pad_token_id).sum())
-        seconds = time.perf_counter() - start
+        tokens, seconds = across_ranks(tokens, time.perf_counter() - start, device)
         rate = tokens / seconds
         log(f"generate peer: {rate:,.0f} new tokens/s (HF generate, batch {batch})")
-        out.append(_row("generate", "peer: HF generate", device, tokens_per_s=round(rate), peak_gib=peak_gib(device),
-                        mfu=_round(flops.mfu(rate * fpt, device_name(device))),
+        out.append(_row("generate", "peer: HF generate", device, tokens_per_s=round(rate),
+                        tokens_per_s_per_gpu=round(rate / size), peak_gib=peak_gib(device),
+                        mfu=_round(flops.mfu(rate / size * fpt, device_name(device))),
                         setting=f"batch {batch}, sampling", seconds=round(seconds, 2)))
     base.config.use_cache = False
     return base, out, {}
@@ -721,20 +776,32 @@ def table(rows: list[dict]) -> str:
             figure = f"{r['pairs_per_s']:,} pairs/s"
             if r.get("reference_pairs_per_s"):
                 figure += f" ({r['train_pairs_per_s']} training, {r['reference_pairs_per_s']} reference pass)"
+            if r["world_size"] > 1:
+                figure += f", {r['pairs_per_s_per_gpu']:,} per GPU"
         else:
             figure = f"{r['tokens_per_s']:,} tokens/s"
+            if r["world_size"] > 1:
+                figure += f", {r['tokens_per_s_per_gpu']:,} per GPU"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        devices = f"{r['world_size']} x {r['device']}" if r["world_size"] > 1 else r["device"]
         lines.append(f"| {r['phase']} | {r['who']} | {figure} | {r.get('peak_gib', '-')} | {mfu} | "
-                     f"{r.get('ours_over_peer', '')} | {r['device']} |")
+                     f"{r.get('ours_over_peer', '')} | {devices} |")
     return "\n".join(lines)
 
 
 def main(config: Config) -> dict:
+    """Run the phases; rank 0 prints the table and writes `--out`, the other ranks only take part."""
     import torch
 
-    from app.log import log
+    from app.log import log as log_line
+    from app.training.distributed import setup
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, device = setup()  # one process: (0, 1, cuda:0 or cpu), no process group
+
+    def log(message: str) -> None:
+        if rank == 0:  # N copies of each line would say nothing more
+            log_line(message)
+
     phases = PHASES if config.phase == "all" else (config.phase,)
     if config.peer and any(p in phases for p in ("sft", "dpo")):
         try:
@@ -742,7 +809,8 @@ def main(config: Config) -> dict:
         except ImportError:
             log("bench: trl is not installed; timing ours only (--no-peer)")
             config.peer = False
-    log(f"bench: {', '.join(phases)} on {device_name(device)}, shape {config.shape}, torch {torch.__version__}")
+    log(f"bench: {', '.join(phases)} on {device_name(device)}" + (f" x {world_size} ranks" if world_size > 1 else "")
+        + f", shape {config.shape}, torch {torch.__version__}")
     started = time.perf_counter()
     base = build_model(config, device)
     tokenizer = word_tokenizer(base.config.vocab_size)
@@ -756,14 +824,16 @@ def main(config: Config) -> dict:
         results.extend({k: v for k, v in r.items() if not k.startswith("_")} for r in phase_rows)
         extra[phase] = info
     ratios(results)
-    report = {"device": device_name(device), "torch": torch.__version__, "config": config.to_dict(),
-              "results": results, "data": extra}
+    report = {"device": device_name(device), "world_size": world_size, "torch": torch.__version__,
+              "config": config.to_dict(), "results": results, "data": extra}
     try:
         import transformers
 
         report["transformers"] = transformers.__version__
     except ImportError:
         pass
+    if rank != 0:
+        return report
     print(table(results), flush=True)
     if config.out:
         with open(config.out, "w") as fh:
