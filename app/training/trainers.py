@@ -94,6 +94,17 @@ def _keep_host_ahead(args) -> None:
         args.accelerator_config.non_blocking = True
 
 
+def _no_unused_parameter_search(args) -> None:
+    """Tell DDP every trainable parameter gets a gradient each step (the LoRA adapter always does).
+
+    The HF Trainer turns DDP's `find_unused_parameters` on whenever gradient checkpointing is off,
+    which makes DDP walk the autograd graph after every forward: host time, in steps the host
+    already bounds. Left alone when the user set it.
+    """
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False
+
+
 def _merge_accumulation(args) -> None:
     """Per-device batch x accumulation -> one micro-batch: the same examples per optimizer step.
 
@@ -163,6 +174,7 @@ class FastSFTTrainer(SFTTrainer):
             raise ValueError("FastSFTTrainer packs by itself; leave padding_free off")
         if args_ is not None:
             _keep_host_ahead(args_)
+            _no_unused_parameter_search(args_)
         kwargs.setdefault("data_collator", PackingCollator())
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # count target tokens per optimizer step (`num_items_in_batch`)
@@ -249,6 +261,7 @@ class FastDPOTrainer(DPOTrainer):
         if precompute_reference:
             args_.precompute_ref_log_probs = True
         _keep_host_ahead(args_)
+        _no_unused_parameter_search(args_)
         self.tokens_seen = 0
         self._pending_metrics = {"train": [], "eval": []}
         self._compile = _default_compile() if compile is None else compile
