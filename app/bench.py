@@ -380,6 +380,14 @@ def time_trainer(trainer, device, warm: int, timed: int, profile_steps: int = 0,
     return run
 
 
+def _our_steps(config: Config) -> int:
+    return config.warmup_steps + config.steps + config.profile_steps
+
+
+def _peer_steps(config: Config) -> int:
+    return 1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0)
+
+
 def _compiled(config: Config) -> str:
     return ", compiled" if config.compile else ""
 
@@ -436,7 +444,7 @@ def bench_sft(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     base = _restore_base(base) if hasattr(base, "unload") else base
     # The sft phase's settings (app/phases/sft.py), with TRL's trainer class swapped for ours.
     args = SFTConfig(per_device_train_batch_size=config.sft_batch_size, gradient_accumulation_steps=config.sft_grad_accum,
-                     max_steps=config.warmup_steps + config.steps + config.profile_steps, learning_rate=2e-4, lr_scheduler_type="cosine",
+                     max_steps=_our_steps(config), learning_rate=2e-4, lr_scheduler_type="cosine",
                      warmup_steps=0.03, logging_steps=10**6, max_length=1024, completion_only_loss=True,
                      gradient_checkpointing=False,
                      **_common_args(config, device, "bench-sft-", workers=2 if device.type == "cuda" else 0))
@@ -522,7 +530,7 @@ def peer_sft(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     from app.training import flops
     from app.training.distributed import world
 
-    args = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0),
+    args = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=_peer_steps(config),
                      logging_steps=10**6, **_common_args(config, device, "bench-sft-peer-"))
     trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout))
@@ -578,7 +586,7 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     check = check_dpo(model, pairs, device, log) if config.check else {}
     # The dpo phase's settings (app/phases/dpo.py), with TRL's trainer class swapped for ours.
     args = DPOConfig(per_device_train_batch_size=config.dpo_batch_size,
-                     gradient_accumulation_steps=config.dpo_grad_accum, max_steps=config.warmup_steps + config.steps + config.profile_steps,
+                     gradient_accumulation_steps=config.dpo_grad_accum, max_steps=_our_steps(config),
                      learning_rate=5e-6, lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=1024,
                      logging_steps=10, logging_first_step=True, gradient_checkpointing=False,
                      **_common_args(config, device, "bench-dpo-", workers=2 if device.type == "cuda" else 0))
@@ -660,7 +668,7 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     from app.training.distributed import world
 
     model = _sft_adapter(base, config, config.seed + 11)
-    args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0),
+    args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=_peer_steps(config),
                      logging_steps=1, **_common_args(config, device, "bench-dpo-peer-"))
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     run = time_trainer(trainer, device, 1, config.peer_steps, config.profile_steps if config.profile_peer else 0,

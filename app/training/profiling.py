@@ -89,8 +89,10 @@ def format_summary(summary: dict) -> str:
              f"host syncs {summary['host_syncs_per_step']} ({summary['host_sync_ms_per_step']} ms per step)"]
     if summary.get("host_sync_sites"):
         lines.append("  syncs from: " + "; ".join(f"{k} x{v}" for k, v in summary["host_sync_sites"].items()))
-    lines.append("  top kernels (ms per step): " + "; ".join(f"{t['op']} {t['ms_per_step']}" for t in summary["top_gpu"]))
-    lines.append("  top host ops (ms per step): " + "; ".join(f"{t['op']} {t['ms_per_step']}" for t in summary["top_host"]))
+    lines.append("  top kernels (ms per step): "
+                 + "; ".join(f"{t['op']} {t['ms_per_step']}" for t in summary["top_gpu"]))
+    lines.append("  top host ops (ms per step): "
+                 + "; ".join(f"{t['op']} {t['ms_per_step']}" for t in summary["top_host"]))
     return "\n".join(lines)
 
 
