@@ -1,4 +1,11 @@
-"""Repro: CUDA graphs (reduce-overhead) on our compiled layers, fixed shapes. argv: dynamic(0/1) dropout."""
+"""CUDA graphs (torch.compile "reduce-overhead") on our compiled decoder layers, fixed row shapes.
+
+    python docs/perf-results/cuda_graphs_repro.py 0 0.05   # static shapes, LoRA dropout 0.05 (from the repo root)
+    python docs/perf-results/cuda_graphs_repro.py 1 0.05   # dynamic shapes, as the phases compile today
+
+Two layers of the Mistral-7B shape, 8 x 256-token packed rows, forward + backward 6 times
+(perf-notes experiment 19; output in h200-s2-cuda-graphs.log).
+"""
 import faulthandler
 import sys
 import time
