@@ -187,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     try:
+        return _run(argv)
+    finally:
+        _leave_process_group()
+
+
+def _run(argv: list[str]) -> int:
+    try:
         command, config = parse(argv)
         load_command(command).main(config)
         return 0
@@ -207,6 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing was published (a manifest is written last); a new pod may have room: retry.
         print(f"error: disk full: {exc}", file=sys.stderr, flush=True)
         return EXIT_RETRYABLE
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits.
+
+    Left open, gloo's (and NCCL's) background threads can outlive the interpreter's teardown and
+    abort the process ("terminate called without an active exception", SIGABRT) after the work
+    is done: torchrun then reports a failure for a phase that succeeded. Best effort: never raises.
+    """
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the command's own exit code matters more
+        pass
 
 
 def _record_exit_code(code: int) -> None:

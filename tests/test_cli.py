@@ -83,3 +83,18 @@ def test_every_command_has_help(command):
     assert result.returncode == 0, result.stderr
     assert "PIPELINE_" in result.stdout
     assert command == "bench" or "--store" in result.stdout
+
+
+def test_the_cli_leaves_the_process_group_it_ran_in(tmp_path):
+    """Under torchrun an open gloo/NCCL group can abort the process at exit, after the work is done."""
+    import torch.distributed as dist
+
+    from app.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["bench", "pretrain"]) == 2  # any command, failing or not
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -33,4 +33,11 @@ def main(out: str, batch: int) -> None:
 
 
 if __name__ == "__main__":
+    import os
+
     main(sys.argv[1], int(sys.argv[2]))
+    # As app/__main__.py does for torchrun workers: skip the interpreter's teardown, where torch's
+    # distributed threads can abort a finished worker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
