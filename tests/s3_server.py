@@ -307,3 +307,29 @@ class NoConditionalWritesProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def publish_concurrently(dirs: list, uri: str, phase: str, config: dict) -> list:
+    """Publish each of `dirs` to the same `uri` from its own thread, all released at once.
+
+    Returns one result per writer: its manifest, or the StorageError it raised.
+    """
+    from app import artifacts
+    from app.errors import StorageError
+
+    barrier = threading.Barrier(len(dirs))
+    results: list = [None] * len(dirs)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = artifacts.publish(dirs[i], uri, phase=phase, config=config)
+        except StorageError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(dirs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results

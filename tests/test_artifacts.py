@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
 
 from app import artifacts
 from app.errors import ConfigError, InputError, StorageError
-from tests.s3_server import interrupted_dir, kill_publish_midway
+from tests.s3_server import interrupted_dir, kill_publish_midway, publish_concurrently
 
 
 def make_outputs(root: Path, text: str = "hello") -> Path:
@@ -119,21 +118,7 @@ def test_two_concurrent_writers_one_wins_and_its_files_stay_intact(tmp_path, sto
     for round_ in range(4):
         uri = artifacts.phase_uri(store, f"race-{round_}", "sft")
         dirs = [make_outputs(tmp_path / f"w{round_}-{i}", text=f"writer {i} " * 50) for i in range(2)]
-        barrier = threading.Barrier(2)
-        results: list = [None, None]
-
-        def write(i: int) -> None:
-            barrier.wait()
-            try:
-                results[i] = artifacts.publish(dirs[i], uri, phase="sft", config={"same": True})
-            except StorageError as exc:
-                results[i] = exc
-
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = publish_concurrently(dirs, uri, phase="sft", config={"same": True})
 
         winners = [i for i, result in enumerate(results) if isinstance(result, dict)]
         assert len(winners) == 1, results

@@ -22,7 +22,7 @@ from app import artifacts
 from app.errors import ConfigError, InputError, StorageError
 from app.s3store import S3Backend
 from tests.s3_server import (FlakyProxy, free_port, iam_authentication, iam_user, interrupted_dir,  # noqa: F401
-                             kill_publish_midway, moto_endpoint, s3)
+                             kill_publish_midway, moto_endpoint, publish_concurrently, s3)
 
 
 def make_outputs(root: Path, text: str = "hello", files: int = 2) -> Path:
@@ -169,21 +169,7 @@ def test_conditional_write_is_honoured_by_the_server(s3):
 def test_two_concurrent_writers_one_wins_and_its_files_stay_intact(tmp_path, s3):
     uri = artifacts.phase_uri(s3.store, "race", "rollouts")
     dirs = [make_outputs(tmp_path / f"w{i}", text=f"writer {i}", files=6) for i in range(2)]
-    barrier = threading.Barrier(2)
-    results: list = [None, None]
-
-    def write(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = artifacts.publish(dirs[i], uri, phase="rollouts", config={"same": True})
-        except StorageError as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = publish_concurrently(dirs, uri, phase="rollouts", config={"same": True})
 
     winners = [i for i, result in enumerate(results) if isinstance(result, dict)]
     assert len(winners) == 1, results
@@ -415,21 +401,7 @@ def test_a_store_without_conditional_writes_falls_back_safely(tmp_path, s3, monk
         # ...and in a race, whatever manifest ends up in place names a complete, consistent attempt.
         race = artifacts.phase_uri(s3.store, "race", "sft")
         dirs = [make_outputs(tmp_path / f"w{i}", text=f"writer {i}", files=6) for i in range(3)]
-        barrier = threading.Barrier(3)
-        results: list = [None] * 3
-
-        def write(i: int) -> None:
-            barrier.wait()
-            try:
-                results[i] = artifacts.publish(dirs[i], race, phase="sft", config={})
-            except StorageError as exc:
-                results[i] = exc
-
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = publish_concurrently(dirs, race, phase="sft", config={})
         root, manifest = artifacts.fetch(race)  # every checksum holds
         assert manifest in results
         writer = results.index(manifest)
