@@ -384,8 +384,12 @@ def _our_steps(config: Config) -> int:
     return config.warmup_steps + config.steps + config.profile_steps
 
 
+def _peer_profile_steps(config: Config) -> int:
+    return config.profile_steps if config.profile_peer else 0
+
+
 def _peer_steps(config: Config) -> int:
-    return 1 + config.peer_steps + (config.profile_steps if config.profile_peer else 0)
+    return 1 + config.peer_steps + _peer_profile_steps(config)
 
 
 def _compiled(config: Config) -> str:
@@ -450,7 +454,7 @@ def bench_sft(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                      **_common_args(config, device, "bench-sft-", workers=2 if device.type == "cuda" else 0))
     trainer = FastSFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
-                             compile=config.compile and device.type == "cuda",)
+                             compile=config.compile and device.type == "cuda")
     run = time_trainer(trainer, device, config.warmup_steps, config.steps, config.profile_steps,
                        _trace(config, "sft"))
     base = _restore_base(trainer.model)
@@ -534,7 +538,7 @@ def peer_sft(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
                      logging_steps=10**6, **_common_args(config, device, "bench-sft-peer-"))
     trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout))
-    run = time_trainer(trainer, device, 1, config.peer_steps, config.profile_steps if config.profile_peer else 0,
+    run = time_trainer(trainer, device, 1, config.peer_steps, _peer_profile_steps(config),
                        _trace(config, "sft-peer"))
     _restore_base(trainer.model)  # takes TRL's adapter out of the shared base model
     rate = run["tokens"] / run["seconds"]
@@ -671,7 +675,7 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=_peer_steps(config),
                      logging_steps=1, **_common_args(config, device, "bench-dpo-peer-"))
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    run = time_trainer(trainer, device, 1, config.peer_steps, config.profile_steps if config.profile_peer else 0,
+    run = time_trainer(trainer, device, 1, config.peer_steps, _peer_profile_steps(config),
                        _trace(config, "dpo-peer"))
     _restore_base(trainer.model)
     trainer.model_wrapped = trainer.model = trainer.ref_model = None

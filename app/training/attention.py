@@ -123,21 +123,13 @@ def _skip_packed_detection():
     """
     from transformers import masking_utils
 
-    global _detection_depth
-    if _detection_depth == 0:
-        _saved_detection[0] = masking_utils.find_packed_sequence_indices
-        masking_utils.find_packed_sequence_indices = _no_packed_detection
-    _detection_depth += 1
+    # Nested blocks each put back what they found, so the outermost restores transformers' own.
+    saved = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = _no_packed_detection
     try:
         yield
     finally:
-        _detection_depth -= 1
-        if _detection_depth == 0:
-            masking_utils.find_packed_sequence_indices = _saved_detection[0]
-
-
-_detection_depth = 0
-_saved_detection: list = [None]
+        masking_utils.find_packed_sequence_indices = saved
 
 
 @contextlib.contextmanager
