@@ -105,6 +105,8 @@ class Config:
     gen_prompts: int = option(256, "generate: prompts")
     gen_new_tokens: int = option(128, "generate: new tokens per prompt (random weights rarely stop early)")
     gen_batch_size: int = option(256, "generate: our backend's batch size (the abel-7b preset's question batch)")
+    gen_static_cache: bool = option(True, "generate: also time our backend with a static KV cache and the decoding "
+                                    "step compiled into CUDA graphs (on CUDA, with --compile)")
     peer_gen_batch_size: int = option(64, "generate: HF generate's batch size for the peer")
     profile_steps: int = option(0, "after the timed steps, this many more under torch.profiler: GPU busy share, "
                                 "host syncs, top kernels and host ops (in the log and the JSON)")
@@ -719,26 +721,37 @@ def bench_generate(base, tokenizer, rows, config: Config, device, log) -> tuple[
     if vllm_available():
         log("generate: vLLM is installed, but the bench builds its model in memory and vLLM loads from disk; "
             "timing our HF path")
-    # Our backend's HF path, exactly as rollouts and eval run it, around the in-memory model.
-    ours = HFGenerator.__new__(HFGenerator)
-    ours.tokenizer, ours.model, ours.adapters, ours.batch_size = tokenizer, base, [], config.gen_batch_size
     from app.generation import GenerationStats
 
-    ours.stats = GenerationStats()
     tokenizer.padding_side = "left"
-    reset_memory(device)
-    ours.generate(prompts[:min(len(prompts), 8)], Sampling(n=1, temperature=1.0, max_new_tokens=4, stop=()))
-    ours.stats = GenerationStats()
-    start = time.perf_counter()
-    done = ours.generate(prompts, sampling)
-    seconds = time.perf_counter() - start
-    tokens, seconds = across_ranks(sum(c.num_tokens for cs in done for c in cs), seconds, device)
-    rate = tokens / seconds
-    log(f"generate ours: {rate:,.0f} new tokens/s (batch {config.gen_batch_size})")
-    out.append(_row("generate", "ours", device, tokens_per_s=round(rate), tokens_per_s_per_gpu=round(rate / size),
-                    peak_gib=peak_gib(device), mfu=_round(flops.mfu(rate / size * fpt, device_name(device))),
-                    setting=f"app.generation HF backend, batch {config.gen_batch_size}, sampling",
-                    seconds=round(seconds, 2)))
+    static_options = [True] if config.gen_static_cache and config.compile and device.type == "cuda" else []
+    for static in static_options + [False]:
+        # Our backend's HF path, exactly as rollouts and eval run it, around the in-memory model.
+        ours = HFGenerator.__new__(HFGenerator)
+        ours.tokenizer, ours.model, ours.adapters, ours.batch_size = tokenizer, base, [], config.gen_batch_size
+        ours.static_cache, ours.stats = static, GenerationStats()
+        reset_memory(device)
+        # Warm-up: with the static cache, one batch of the timed call's shape (compilation, graph recording).
+        started = time.perf_counter()
+        if static:
+            ours.generate(prompts[:config.gen_batch_size], sampling)
+        else:
+            ours.generate(prompts[:min(len(prompts), 8)], Sampling(n=1, temperature=1.0, max_new_tokens=4, stop=()))
+        warmup_seconds = time.perf_counter() - started
+        ours.stats = GenerationStats()
+        start = time.perf_counter()
+        done = ours.generate(prompts, sampling)
+        seconds = time.perf_counter() - start
+        tokens, seconds = across_ranks(sum(c.num_tokens for cs in done for c in cs), seconds, device)
+        rate = tokens / seconds
+        how = "static KV cache, decoding step compiled into CUDA graphs" if static else "dynamic KV cache, eager"
+        log(f"generate ours ({how}): {rate:,.0f} new tokens/s (batch {config.gen_batch_size}); "
+            f"warm-up {warmup_seconds:.1f}s")
+        out.append(_row("generate", "ours" if static or not static_options else "ours, eager", device,
+                        tokens_per_s=round(rate), tokens_per_s_per_gpu=round(rate / size), peak_gib=peak_gib(device),
+                        mfu=_round(flops.mfu(rate / size * fpt, device_name(device))),
+                        setting=f"app.generation HF backend, batch {config.gen_batch_size}, sampling, {how}",
+                        seconds=round(seconds, 2), warmup_seconds=round(warmup_seconds, 1)))
     if config.peer:
         batch = config.peer_gen_batch_size
         reset_memory(device)
@@ -774,7 +787,7 @@ def ratios(rows: list[dict]) -> None:
     """Add ours/peer to each 'ours' row, on the phase's headline figure."""
     for phase, key in (("sft", "tokens_per_s"), ("dpo", "pairs_per_s"), ("generate", "tokens_per_s")):
         ours = next((r for r in rows if r["phase"] == phase and r["who"] == "ours"), None)
-        peer = next((r for r in rows if r["phase"] == phase and r["who"] != "ours"), None)
+        peer = next((r for r in rows if r["phase"] == phase and r["who"].startswith("peer")), None)
         if ours and peer and peer.get(key):
             ours["ours_over_peer"] = round(ours[key] / peer[key], 2)
 
