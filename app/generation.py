@@ -83,7 +83,9 @@ def vllm_available() -> bool:
 
 
 def make_generator(backend: str, base_model: str, adapters: dict[str, str | Path] | None = None, *,
-                   bf16: bool = True, batch_size: int = 64, max_model_len: int = 1024, seed: int = 0) -> Generator:
+                   bf16: bool = True, batch_size: int = 64, max_model_len: int = 1024, seed: int = 0,
+                   static_cache: bool = False) -> Generator:
+    """The backend named (`auto`: vLLM if importable); `static_cache` applies to the HF backend only."""
     adapters = dict(adapters or {})
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -94,10 +96,10 @@ def make_generator(backend: str, base_model: str, adapters: dict[str, str | Path
 
         return VLLMGenerator(base_model, adapters, bf16=bf16, batch_size=batch_size, max_model_len=max_model_len,
                              seed=seed)
-    return HFGenerator(base_model, adapters, bf16=bf16, batch_size=batch_size)
+    return HFGenerator(base_model, adapters, bf16=bf16, batch_size=batch_size, static_cache=static_cache)
 
 
-STATIC_PROMPT_MULTIPLE = 64
+STATIC_PROMPT_MULTIPLE = 256  # one shape for GSM8K-length prompts of every variant
 
 
 class HFGenerator:
@@ -107,9 +109,10 @@ class HFGenerator:
     compiles the decoding step into CUDA graphs: a decoding step of a 7B model launches ~1,000
     kernels from Python and the host, not the GPU, sets the pace. Graphs need fixed shapes, so
     every batch of one `generate` call has the same shape: prompts are left-padded to the call's
-    longest (rounded up to a multiple of 64) and the last batch is filled up with repeats whose
-    outputs are dropped. Each new shape or adapter costs one compilation (about a minute on a 7B):
-    worth it for rollouts' thousands of prompts, less so for a few hundred.
+    longest, rounded up to a multiple of 256 (so calls with other prompts share the shape), and
+    the last batch is filled up with repeats whose outputs are dropped. Each new shape or adapter
+    costs a compilation (~40 s on a 7B, docs/PERFORMANCE.md): worth it for rollouts' tens of
+    thousands of samples, not for eval's three models over a thousand questions.
     """
 
     name = "hf"

@@ -53,6 +53,8 @@ class Config(RunConfig):
     max_new_tokens: int = option(512, "longest trajectory in tokens; longer ones are marked truncated")
     question_batch_size: int = option(64, "questions per generation batch (bounds memory; lower it on OOM)")
     backend: str = option("auto", "generation backend: auto (vLLM if importable), vllm or hf")
+    hf_static_cache: bool = option(True, "hf backend on a GPU: static KV cache, decoding step compiled into CUDA "
+                                   "graphs (2x the eager rate on a 7B; ~40 s of compilation first)")
     bf16: bool = option(True, "generate in bf16 on GPUs")
     quality_weight: float = option(0.5, "reward weight of reasoning quality")
     length_weight: float = option(0.2, "reward weight of the length penalty")
@@ -95,6 +97,12 @@ class Config(RunConfig):
         values.pop("question_batch_size")  # how we batch does not change what is sampled
         values.pop("chunk_size")  # nor how often progress is saved
         return values
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(config: Config) -> dict | None:
@@ -198,7 +206,8 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
     check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
     generator = make_generator(config.backend, base_path, {"sft": sft_dir}, bf16=config.bf16,
                                batch_size=config.question_batch_size * config.per_variant(),
-                               max_model_len=config.max_new_tokens + 512, seed=config.seed)
+                               max_model_len=config.max_new_tokens + 512, seed=config.seed,
+                               static_cache=config.hf_static_cache and _on_gpu())
     weights = RewardWeights(quality=config.quality_weight, length=config.length_weight,
                             target_tokens=config.target_tokens)
     resumed = len(records)

@@ -38,8 +38,8 @@ def lora(base, r: int = 8, dropout: float = 0.0, b_std: float = 0.05, seed: int 
 
     from app.models import lora_config
 
+    torch.manual_seed(seed)  # LoRA A is drawn when the adapter is created: seed it too, not only B
     model = get_peft_model(base, lora_config(r, 2 * r, dropout))
-    torch.manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=b_std)

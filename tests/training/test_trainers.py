@@ -101,3 +101,37 @@ def test_fast_dpo_trainer_refuses_losses_it_does_not_implement(tiny):
     args = DPOConfig(output_dir=tempfile.mkdtemp(), loss_type=["ipo"], report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="sigmoid"):
         FastDPOTrainer(model=tiny[0], args=args)
+
+
+def test_adapter_swap_computes_with_the_other_adapter_and_restores_the_active_one():
+    """The compiled DPO reference: the policy's own adapter holding the `ref` weights for one forward."""
+    import copy
+
+    from app import bench
+    from app.training.trainers import _AdapterSwap
+    from tests.training.conftest import lora
+
+    # A model of its own: on the module's shared one, wrapped and unwrapped by the tests above,
+    # both adapters computed the same outputs (PEFT state left behind), which hides the swap.
+    model = lora(bench.build_model(bench.Config(shape="tiny"), torch.device("cpu")), r=8, b_std=0.05, seed=1)
+    model.add_adapter("ref", copy.deepcopy(model.peft_config["default"]))
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():
+        if ".ref." in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    ids = torch.randint(4, 200, (1, 12))
+    policy = model(input_ids=ids).logits
+    model.set_adapter("ref")
+    reference = model(input_ids=ids).logits
+    model.set_adapter("default")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    swap = _AdapterSwap(model, "ref")
+    with swap:
+        swapped = model(input_ids=ids).logits
+    assert torch.equal(swapped, reference) and not torch.equal(swapped, policy)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
+    assert torch.equal(model(input_ids=ids).logits, policy)
+    with pytest.raises(ValueError, match="no weight matching"):
+        _AdapterSwap(model, "missing")
