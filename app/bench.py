@@ -721,15 +721,10 @@ def bench_generate(base, tokenizer, rows, config: Config, device, log) -> tuple[
     if vllm_available():
         log("generate: vLLM is installed, but the bench builds its model in memory and vLLM loads from disk; "
             "timing our HF path")
-    from app.generation import GenerationStats
-
-    tokenizer.padding_side = "left"
     static_options = [True] if config.gen_static_cache and config.compile and device.type == "cuda" else []
     for static in static_options + [False]:
         # Our backend's HF path, exactly as rollouts and eval run it, around the in-memory model.
-        ours = HFGenerator.__new__(HFGenerator)
-        ours.tokenizer, ours.model, ours.adapters, ours.batch_size = tokenizer, base, [], config.gen_batch_size
-        ours.static_cache, ours.stats = static, GenerationStats()
+        ours = HFGenerator.around(base, tokenizer, batch_size=config.gen_batch_size, static_cache=static)
         reset_memory(device)
         # Warm-up: with the static cache, one batch of the timed call's shape (compilation, graph recording).
         started = time.perf_counter()
@@ -738,7 +733,6 @@ def bench_generate(base, tokenizer, rows, config: Config, device, log) -> tuple[
         else:
             ours.generate(prompts[:min(len(prompts), 8)], Sampling(n=1, temperature=1.0, max_new_tokens=4, stop=()))
         warmup_seconds = time.perf_counter() - started
-        ours.stats = GenerationStats()
         start = time.perf_counter()
         done = ours.generate(prompts, sampling)
         seconds = time.perf_counter() - start

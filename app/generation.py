@@ -121,20 +121,29 @@ class HFGenerator:
                  static_cache: bool = False):
         from app.models import load_causal_lm, load_tokenizer
 
-        self.tokenizer = load_tokenizer(base_model)
-        self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(base_model, bf16=bf16)
-        self.adapters = list(adapters)
+        model = load_causal_lm(base_model, bf16=bf16)
         if adapters:
             from peft import PeftModel
 
             first, *rest = adapters.items()
-            self.model = PeftModel.from_pretrained(self.model, str(first[1]), adapter_name=first[0])
+            model = PeftModel.from_pretrained(model, str(first[1]), adapter_name=first[0])
             for name, path in rest:
-                self.model.load_adapter(str(path), adapter_name=name)
-        self.model.eval()
-        self.batch_size = batch_size
-        self.static_cache = static_cache
+                model.load_adapter(str(path), adapter_name=name)
+        self._serve(model, load_tokenizer(base_model), list(adapters), batch_size, static_cache)
+
+    @classmethod
+    def around(cls, model, tokenizer, adapters: list[str] = (), batch_size: int = 64,
+               static_cache: bool = False) -> "HFGenerator":
+        """This generator around a model already in memory (the bench); `adapters`: the PEFT adapters it carries."""
+        generator = cls.__new__(cls)
+        generator._serve(model, tokenizer, list(adapters), batch_size, static_cache)
+        return generator
+
+    def _serve(self, model, tokenizer, adapters: list[str], batch_size: int, static_cache: bool) -> None:
+        tokenizer.padding_side = "left"
+        model.eval()
+        self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.batch_size, self.static_cache = batch_size, static_cache
         self.stats = GenerationStats()
 
     def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None,

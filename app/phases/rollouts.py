@@ -99,12 +99,6 @@ class Config(RunConfig):
         return values
 
 
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(config: Config) -> dict | None:
     out_uri = output_uri(config, "rollouts")
     if (published := begin("rollouts", out_uri, config, f"shard={config.shard_index}/{config.num_shards}")) is not None:
@@ -192,6 +186,8 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
     """Records for every problem, in order: `done` (already finished) first, the rest generated
     `config.chunk_size` questions at a time, each finished chunk handed to `on_chunk(end, records)`
     unless it is the last one."""
+    import torch
+
     from app.generation import Sampling, make_generator
     from app.models import check_adapter_matches, load_tokenizer
     from app.prompts import build_prompt
@@ -207,7 +203,7 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
     generator = make_generator(config.backend, base_path, {"sft": sft_dir}, bf16=config.bf16,
                                batch_size=config.question_batch_size * config.per_variant(),
                                max_model_len=config.max_new_tokens + 512, seed=config.seed,
-                               static_cache=config.hf_static_cache and _on_gpu())
+                               static_cache=config.hf_static_cache and torch.cuda.is_available())
     weights = RewardWeights(quality=config.quality_weight, length=config.length_weight,
                             target_tokens=config.target_tokens)
     resumed = len(records)

@@ -5,7 +5,7 @@ sys.path.insert(0, ".")
 from peft import get_peft_model
 from app import bench
 from app.models import lora_config
-from app.generation import HFGenerator, Sampling, GenerationStats
+from app.generation import HFGenerator, Sampling
 
 cfg = bench.Config(shape="mistral-7b", num_layers=4, seed=0)
 dev = torch.device("cuda")
@@ -21,9 +21,7 @@ res = {}
 import os
 variants = [(True, 128), (False, 128)] + ([(False, 64)] if os.environ.get("EAGER_TWICE") else [])
 for static, bs in variants:
-    g = HFGenerator.__new__(HFGenerator)
-    g.tokenizer, g.model, g.adapters, g.batch_size = tok, model, ["sft"], bs
-    g.static_cache, g.stats = static, GenerationStats()
+    g = HFGenerator.around(model, tok, adapters=["sft"], batch_size=bs, static_cache=static)
     for rep in range(2 if static else 1):
         t = time.time()
         out = g.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=32, stop=()), adapter="sft")
