@@ -483,7 +483,7 @@ def check_sft(base, examples, config: Config, device, log) -> dict:
 
     from app.training.loss import reference_token_loss
     from app.training.packing import pad
-    from app.training.trainers import PackingCollator, _fast, _packed_forward, logprobs_from_logits
+    from app.training.trainers import PackingCollator, _fast, _packed_forward, logprobs_from_logits, unpack_batch
 
     model = lora_model(base, config, 0.0)  # dropout off: both paths must see the same function
     torch.manual_seed(config.seed + 7)
@@ -509,7 +509,8 @@ def check_sft(base, examples, config: Config, device, log) -> dict:
                           if p.requires_grad) / max(sum(float(g.norm() ** 2) for g in plain_grads.values()), 1e-30))
     model.zero_grad(set_to_none=True)
     features = [{"input_ids": s.ids, "labels": [t if m else -100 for t, m in zip(s.ids, s.loss_mask)]} for s in batch]
-    packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in PackingCollator()(features).items()}
+    packed = unpack_batch({k: v.to(device) if torch.is_tensor(v) else v
+                           for k, v in PackingCollator()(features).items()})
     targets = packed["shift_labels"][0].index_select(0, packed["target_index"])
     with _fast(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logps = logprobs_from_logits(_packed_forward(model, packed), targets)
@@ -643,7 +644,7 @@ def check_dpo(model, pairs, device, log) -> dict:
     import torch
 
     from app.training.packing import IGNORE, pad
-    from app.training.trainers import PairCollator, _fast, pair_sums
+    from app.training.trainers import PairCollator, _fast, pair_sums, unpack_batch
 
     features = [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs[:2]]
     seqs = [s for p in pairs[:2] for s in p.sequences(1024)]
@@ -654,7 +655,8 @@ def check_dpo(model, pairs, device, log) -> dict:
         labels = padded["labels"][:, 1:]
         logp = logits[:, :-1].float().log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
         plain = (logp * (labels != IGNORE)).sum(1)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in PairCollator(1024)(features).items()}
+        batch = unpack_batch({k: v.to(device) if torch.is_tensor(v) else v
+                              for k, v in PairCollator(1024)(features).items()})
         with _fast(model):
             chosen, rejected = pair_sums(model, batch)
         fast = torch.stack([chosen, rejected], 1).reshape(-1)

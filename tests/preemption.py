@@ -26,6 +26,9 @@ KILLED_EXIT_CODE = 137
 
 def fingerprint_rows(inputs: dict) -> list[str]:
     """One fingerprint per training sequence, from a padded batch or a packed row (the fast trainers')."""
+    from app.training.trainers import unpack_batch
+
+    inputs = unpack_batch(inputs)
     if "packed_cu_seqlens" in inputs:
         flat, bounds = inputs["input_ids"].reshape(-1).tolist(), inputs["packed_cu_seqlens"].tolist()
         rows = [flat[start:end] for start, end in zip(bounds, bounds[1:])]

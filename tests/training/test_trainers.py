@@ -39,9 +39,9 @@ def _sft_losses(cls, base, tokenizer, rows):
                   train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
                                                    for r in rows]))
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    log = [h for h in trainer.state.log_history if "loss" in h]
     _restore(trainer)
-    return losses
+    return log
 
 
 def test_fast_sft_trainer_learns_what_trl_learns(tiny, rows):
@@ -53,7 +53,69 @@ def test_fast_sft_trainer_learns_what_trl_learns(tiny, rows):
     reference = _sft_losses(SFTTrainer, base, tokenizer, rows)
     fast = _sft_losses(FastSFTTrainer, base, tokenizer, rows)
     assert len(fast) == len(reference) == 3
-    assert fast == pytest.approx(reference, rel=1e-4)  # step 2 and 3 only agree if the updates did
+    # Step 2 and 3 only agree if the updates did; the norms are the ones clipped (our trainable-only list).
+    for key in ("loss", "grad_norm"):
+        assert [h[key] for h in fast] == pytest.approx([h[key] for h in reference], rel=1e-4), key
+
+
+def test_fast_trainer_keeps_the_trainers_bookkeeping_without_walking_the_model(tiny, rows):
+    """model.train() after an eval() still reaches every module; grads are dropped; FLOPs as the Trainer counts."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback
+    from trl import SFTConfig
+
+    from app.models import lora_config
+    from app.training.trainers import FastSFTTrainer
+
+    base, tokenizer, _ = tiny
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+                     logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0,
+                     disable_tqdm=True, completion_only_loss=True)
+    trainer = FastSFTTrainer(model=base, args=args, processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0),
+                             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                                              for r in rows]))
+    seen = {"training": []}
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen["training"].append(all(m.training for m in model.modules()))
+            if state.global_step == 1:
+                model.eval()  # as an evaluation between steps would
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    model = trainer.model
+    assert seen["training"] == [True, True, True]  # step 2's train() undid the eval() everywhere
+    assert "train" not in vars(model) and "zero_grad" not in vars(model)  # the per-run shortcuts are gone
+    assert all(p.grad is None for p in model.parameters())
+    expected = 6 * trainer.tokens_seen * model.num_parameters(exclude_embeddings=True)  # packed: no padding
+    assert trainer.state.total_flos == expected
+    assert trainer.floating_point_ops({"input_ids": torch.zeros(2, 5)}) == \
+        Trainer.floating_point_ops(trainer, {"input_ids": torch.zeros(2, 5)})
+    _restore(trainer)
+
+
+def test_packed_batches_cross_from_the_loader_as_one_tensor(tiny, rows):
+    from app.training.data import tokenize_pairs
+    from app.training.trainers import PackingCollator, PairCollator, _collate, unpack_batch
+
+    _, tokenizer, _ = tiny
+    pairs = tokenize_pairs(tokenizer, [r["prompt"] for r in rows[:3]], [r["completion"] for r in rows[:3]],
+                           [r["rejected"] for r in rows[:3]])
+    features = [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected,
+                 "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0} for p in pairs]
+    batch = PairCollator(None)(features)
+    tensors = {k for k, v in batch.items() if torch.is_tensor(v) and v.dtype in (torch.int64, torch.int32)}
+    assert tensors == {"flat"}
+    expected = _collate([s for p in pairs for s in p.sequences(None)])
+    unpacked = unpack_batch(batch)
+    for key in ("input_ids", "position_ids", "packed_cu_seqlens", "target_index", "seq_index"):
+        assert unpacked[key].dtype == expected[key].dtype and torch.equal(unpacked[key], expected[key]), key
+    assert torch.equal(unpacked["targets"], expected["shift_labels"][0])
+    assert unpacked["ref_chosen_logps"].tolist() == [-1.0] * 3
+
+    sft = PackingCollator()([{"input_ids": s.ids, "labels": [-100] + s.ids[1:]} for s in pairs[0].sequences(None)])
+    assert {k for k, v in sft.items() if torch.is_tensor(v)} == {"flat", "labels", "shift_labels"}
+    assert sft["labels"] is sft["shift_labels"]  # one object: pickled (and handed over) once
 
 
 def _dpo_log(cls, base, tokenizer, rows, **extra):
