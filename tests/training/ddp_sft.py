@@ -27,9 +27,10 @@ def main(out: str, batch: int) -> None:
                                                               for r in rows]))
     trainer.train()
     if trainer.accelerator.is_main_process:
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        logged = [h for h in trainer.state.log_history if "loss" in h]
         with open(out, "w") as fh:
-            json.dump({"losses": losses, "world_size": trainer.args.world_size}, fh)
+            json.dump({"losses": [h["loss"] for h in logged], "grad_norms": [h["grad_norm"] for h in logged],
+                       "world_size": trainer.args.world_size}, fh)
 
 
 if __name__ == "__main__":

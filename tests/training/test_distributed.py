@@ -30,3 +30,4 @@ def test_two_ranks_learn_what_one_rank_learns(tmp_path):
     # Same examples per step (4), loss normalised over the step's tokens on both ranks, gradients summed:
     # the second step's loss only matches if the first update did.
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4)
+    assert ddp["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-4)  # clipped over the same gradients
