@@ -36,6 +36,7 @@ import contextlib
 import math
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from trl import DPOTrainer, SFTTrainer
 
@@ -47,6 +48,8 @@ from app.training.loss import dpo_sigmoid_loss
 from app.training.packing import IGNORE, Sequence, pack
 
 DEFAULT_CHUNK = 4096
+# One process or DDP: the model and its parameters are plain (DeepSpeed and FSDP have their own).
+_PLAIN_DISTRIBUTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
 
@@ -155,7 +158,8 @@ def _flatten(batch: dict, keep: tuple[str, ...] = ()) -> dict:
 
 
 def unpack_batch(inputs: dict) -> dict:
-    """A batch from the fast trainers' collators with its tensors back under their names (views, no copy)."""
+    """A batch from the fast trainers' collators with its tensors back under their names (views of the
+    one tensor, but the int32 boundaries, which are a small copy)."""
     if "flat" not in inputs:
         return inputs
     out = {k: v for k, v in inputs.items() if k not in ("flat", "flat_layout")}
@@ -186,9 +190,12 @@ class _LeanLoopModel(TrainerCallback):
     """During training, the loop model's per-step `train()` and `zero_grad()` without walking every module.
 
     The HF Trainer calls `model.train()` before and `model.zero_grad()` after every step; each
-    visits all ~10,000 modules of a PEFT 7B. Here `train()` is skipped while the model is already
-    in training mode (the first call, and any after an `eval()` of the model, still walk), and
-    `zero_grad()` drops the gradients of the trainable parameters, the only ones that get any.
+    visits all ~10,000 modules of a PEFT 7B. Here training begins with one full `train()` (a model
+    from `from_pretrained` starts in eval mode under a PEFT wrapper that does not), later calls are
+    skipped while the model is still in training mode (any `eval()` of it in between, e.g. an
+    evaluation, makes the next one walk again), and `zero_grad()` drops the gradients of the
+    trainable parameters, the only ones that get any. One process or DDP only: DeepSpeed and FSDP
+    engines keep their own methods.
     """
 
     def __init__(self, trainer):
@@ -196,9 +203,13 @@ class _LeanLoopModel(TrainerCallback):
         self.patched = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.restore()
+        if self.trainer.accelerator.distributed_type not in _PLAIN_DISTRIBUTED:
+            return
         loop_model, top = self.trainer.model_wrapped, self.trainer.model
-        trainable = self.trainer._trainable()
+        trainable = self.trainer._trainable(refresh=True)
         full_train, full_zero_grad = type(loop_model).train, type(loop_model).zero_grad
+        full_train(loop_model, True)
 
         def train(mode: bool = True):
             if not (mode and loop_model.training and top.training):
@@ -215,6 +226,9 @@ class _LeanLoopModel(TrainerCallback):
         self.patched = loop_model
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
         if self.patched is not None:
             del self.patched.train, self.patched.zero_grad
             self.patched = None
@@ -246,11 +260,13 @@ class _LeanHost:
         self._lean_num_parameters = None
         self._fast_on = False  # inside train(): the fast path is already in place
         self._unwrapped_for = (None, None)
-        self.add_callback(_LeanLoopModel(self))
+        self._lean_loop = _LeanLoopModel(self)
+        self.add_callback(self._lean_loop)
 
-    def _trainable(self) -> list:
-        if self._lean_parameters is None:
+    def _trainable(self, refresh: bool = False) -> list:
+        if refresh or self._lean_parameters is None:  # refreshed at each train(): adapters may have changed
             self._lean_parameters = [p for p in self.model.parameters() if p.requires_grad]
+            self._lean_num_parameters = None
         return self._lean_parameters
 
     def _unwrap(self, model):
@@ -269,6 +285,7 @@ class _LeanHost:
                 return super().train(*args, **kwargs)
             finally:
                 self._fast_on = False
+                self._lean_loop.restore()  # also when training raised (no on_train_end then)
 
     def floating_point_ops(self, inputs) -> int:
         # The Trainer's estimate (6 x input tokens x non-embedding parameters), the count made once.
@@ -283,11 +300,8 @@ class _LeanHost:
         return super()._track_num_input_tokens(unpack_batch(inputs))
 
     def _clip_grad_norm(self, model):
-        from accelerate.utils import DistributedType
-
         # One process or DDP: the norm over the parameters that have gradients, as the Trainer's.
-        if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
-                                                 DistributedType.MULTI_CPU):
+        if self.accelerator.distributed_type in _PLAIN_DISTRIBUTED:
             return self.accelerator.clip_grad_norm_(self._trainable(), self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
 

@@ -59,7 +59,7 @@ def test_fast_sft_trainer_learns_what_trl_learns(tiny, rows):
 
 
 def test_fast_trainer_keeps_the_trainers_bookkeeping_without_walking_the_model(tiny, rows):
-    """model.train() after an eval() still reaches every module; grads are dropped; FLOPs as the Trainer counts."""
+    """Every module trains (from an eval-mode base, and after an eval()); grads are dropped; FLOPs as the Trainer's."""
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback
     from trl import SFTConfig
@@ -68,6 +68,7 @@ def test_fast_trainer_keeps_the_trainers_bookkeeping_without_walking_the_model(t
     from app.training.trainers import FastSFTTrainer
 
     base, tokenizer, _ = tiny
+    base.eval()  # as from_pretrained leaves it; the PEFT wrapper and adapters made on top start in train mode
     args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
                      logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0,
                      disable_tqdm=True, completion_only_loss=True)
@@ -84,13 +85,40 @@ def test_fast_trainer_keeps_the_trainers_bookkeeping_without_walking_the_model(t
     trainer.add_callback(Probe())
     trainer.train()
     model = trainer.model
-    assert seen["training"] == [True, True, True]  # step 2's train() undid the eval() everywhere
+    assert seen["training"] == [True, True, True]  # all from step 1; step 2's train() undid the eval()
     assert "train" not in vars(model) and "zero_grad" not in vars(model)  # the per-run shortcuts are gone
     assert all(p.grad is None for p in model.parameters())
     expected = 6 * trainer.tokens_seen * model.num_parameters(exclude_embeddings=True)  # packed: no padding
     assert trainer.state.total_flos == expected
     assert trainer.floating_point_ops({"input_ids": torch.zeros(2, 5)}) == \
         Trainer.floating_point_ops(trainer, {"input_ids": torch.zeros(2, 5)})
+    _restore(trainer)
+    base.train()
+
+
+def test_fast_trainer_takes_its_shortcuts_off_the_model_when_training_fails(tiny, rows):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig
+
+    from app.models import lora_config
+    from app.training.trainers import FastSFTTrainer
+
+    base, tokenizer, _ = tiny
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=3, report_to="none",
+                     save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, completion_only_loss=True)
+    trainer = FastSFTTrainer(model=base, args=args, processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0),
+                             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                                              for r in rows]))
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("node lost")
+
+    trainer.add_callback(Fail())
+    with pytest.raises(RuntimeError, match="node lost"):
+        trainer.train()
+    assert "train" not in vars(trainer.model) and "zero_grad" not in vars(trainer.model)
     _restore(trainer)
 
 
