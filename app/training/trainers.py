@@ -195,7 +195,8 @@ class _LeanLoopModel(TrainerCallback):
     skipped while the model is still in training mode (any `eval()` of it in between, e.g. an
     evaluation, makes the next one walk again), and `zero_grad()` drops the gradients of the
     trainable parameters, the only ones that get any. One process or DDP only: DeepSpeed and FSDP
-    engines keep their own methods.
+    engines keep their own methods. `_LeanHost._train_fast` takes the shortcuts off when `train()`
+    returns or raises.
     """
 
     def __init__(self, trainer):
@@ -203,7 +204,6 @@ class _LeanLoopModel(TrainerCallback):
         self.patched = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.restore()
         if self.trainer.accelerator.distributed_type not in _PLAIN_DISTRIBUTED:
             return
         loop_model, top = self.trainer.model_wrapped, self.trainer.model
@@ -224,9 +224,6 @@ class _LeanLoopModel(TrainerCallback):
 
         loop_model.train, loop_model.zero_grad = train, zero_grad
         self.patched = loop_model
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.restore()
 
     def restore(self) -> None:
         if self.patched is not None:
@@ -251,8 +248,8 @@ class _LeanHost:
     times: `model.train()`, `model.zero_grad()`, the parameters to clip, the parameter count behind
     the Trainer's FLOP estimate, accelerate's unwrapping and our re-entered fast-path blocks.
     On the H100's host, DPO steps are host-bound, and these walks were ~230 ms of a ~460 ms step
-    under cProfile; done once instead (with one-tensor batches), the timed step went from 358 to
-    272 ms. The update is unchanged.
+    under cProfile; done once instead (with one-tensor batches), the same machine's DPO step went
+    from ~371 to ~280 ms (10.78 -> 14.31 pairs/s). The update is unchanged.
     """
 
     def _lean_init(self) -> None:
@@ -285,7 +282,7 @@ class _LeanHost:
                 return super().train(*args, **kwargs)
             finally:
                 self._fast_on = False
-                self._lean_loop.restore()  # also when training raised (no on_train_end then)
+                self._lean_loop.restore()  # also when training raised
 
     def floating_point_ops(self, inputs) -> int:
         # The Trainer's estimate (6 x input tokens x non-embedding parameters), the count made once.
@@ -297,6 +294,8 @@ class _LeanHost:
         return 6 * numel * self._lean_num_parameters
 
     def _track_num_input_tokens(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no":  # the default: no unpacking every step for nothing
+            return None
         return super()._track_num_input_tokens(unpack_batch(inputs))
 
     def _clip_grad_norm(self, model):

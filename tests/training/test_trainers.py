@@ -58,24 +58,30 @@ def test_fast_sft_trainer_learns_what_trl_learns(tiny, rows):
         assert [h[key] for h in fast] == pytest.approx([h[key] for h in reference], rel=1e-4), key
 
 
-def test_fast_trainer_keeps_the_trainers_bookkeeping_without_walking_the_model(tiny, rows):
-    """Every module trains (from an eval-mode base, and after an eval()); grads are dropped; FLOPs as the Trainer's."""
+def _three_step_fast_sft(base, tokenizer, rows):
     from datasets import Dataset
-    from transformers import Trainer, TrainerCallback
     from trl import SFTConfig
 
     from app.models import lora_config
     from app.training.trainers import FastSFTTrainer
 
-    base, tokenizer, _ = tiny
-    base.eval()  # as from_pretrained leaves it; the PEFT wrapper and adapters made on top start in train mode
     args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
                      logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0,
                      disable_tqdm=True, completion_only_loss=True)
-    trainer = FastSFTTrainer(model=base, args=args, processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0),
-                             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
-                                                              for r in rows]))
+    return FastSFTTrainer(model=base, args=args, processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0),
+                          train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                                           for r in rows]))
+
+
+def test_fast_trainer_keeps_the_trainers_bookkeeping_without_walking_the_model(tiny, rows):
+    """Every module trains (from an eval-mode base, and after an eval()); grads are dropped; FLOPs as the Trainer's."""
+    from transformers import Trainer, TrainerCallback
+
+    base, tokenizer, _ = tiny
+    base.eval()  # as from_pretrained leaves it; the PEFT wrapper and adapters made on top start in train mode
+    trainer = _three_step_fast_sft(base, tokenizer, rows)
     seen = {"training": []}
+
     class Probe(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             seen["training"].append(all(m.training for m in model.modules()))
@@ -97,19 +103,10 @@ def test_fast_trainer_keeps_the_trainers_bookkeeping_without_walking_the_model(t
 
 
 def test_fast_trainer_takes_its_shortcuts_off_the_model_when_training_fails(tiny, rows):
-    from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import SFTConfig
-
-    from app.models import lora_config
-    from app.training.trainers import FastSFTTrainer
 
     base, tokenizer, _ = tiny
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, max_steps=3, report_to="none",
-                     save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, completion_only_loss=True)
-    trainer = FastSFTTrainer(model=base, args=args, processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0),
-                             train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
-                                                              for r in rows]))
+    trainer = _three_step_fast_sft(base, tokenizer, rows)
 
     class Fail(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
