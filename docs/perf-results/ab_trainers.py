@@ -1,12 +1,19 @@
-"""A/B of the fast trainers against an earlier version, SFT and DPO, profiled; one model build, one process.
+"""A/B of the fast trainers against an earlier version, SFT and DPO; one model build, one process.
 
     git show 4c7526c:app/training/trainers.py > /tmp/old_trainers.py
-    python docs/perf-results/ab_trainers.py /tmp/old_trainers.py     # from the repo root, on a GPU
+    python docs/perf-results/ab_trainers.py /tmp/old_trainers.py             # from the repo root, on a GPU
 
-What produced `h100-s2-run1-ab.json` (perf-notes experiments 13, 15, 16): the bench's own SFT and
-DPO runs (no peer, no loss check, 10 timed steps after 3, 2 profiled), first with the current
-trainers, then with the old module swapped in (and transformers' packed-row detection back on,
-as it was), then DPO with a precomputed reference and at 16 pairs per step.
+    git show 9857d78:app/training/trainers.py > /tmp/old_trainers.py
+    PLAN=s4 python docs/perf-results/ab_trainers.py /tmp/old_trainers.py
+
+PLAN=s2 (the default) produced `h100-s2-run1-ab.json` (perf-notes experiments 13, 15, 16): the
+bench's own SFT and DPO runs (no peer, no loss check, 10 timed steps after 3, 2 profiled), first
+with the current trainers, then with the old module swapped in (and transformers' packed-row
+detection back on, as it was then), then DPO with a precomputed reference and at 16 pairs per step.
+
+PLAN=s4 produced `h100-s4-ab.json` / `.log` (perf-notes experiment 25): 12 timed steps after 4,
+old and new alternating (the old module already skipped the detection), the new ones with 2 more
+steps under the profiler.
 """
 import contextlib
 import importlib.util
@@ -23,6 +30,7 @@ from app.training import attention  # noqa: E402
 import app.training.trainers as new_trainers  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
+PLAN = os.environ.get("PLAN", "s2")
 spec = importlib.util.spec_from_file_location("old_trainers", sys.argv[1])
 old_trainers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(old_trainers)
@@ -34,7 +42,8 @@ def variant(old: bool):
     saved_skip = attention._skip_packed_detection
     if old:
         sys.modules["app.training.trainers"] = old_trainers
-        attention._skip_packed_detection = contextlib.nullcontext
+        if PLAN == "s2":
+            attention._skip_packed_detection = contextlib.nullcontext
     try:
         yield
     finally:
@@ -47,7 +56,8 @@ def log(msg):
 
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-cfg = bench.Config(phase="sft", steps=10, warmup_steps=3, peer=False, check=False, profile_steps=2,
+steps, warmup, profile = (10, 3, 2) if PLAN == "s2" else (int(os.environ.get("STEPS", 12)), 4, 0)
+cfg = bench.Config(phase="sft", steps=steps, warmup_steps=warmup, peer=False, check=False, profile_steps=profile,
                    shape="mistral-7b" if device.type == "cuda" else "tiny")
 t0 = time.time()
 base = bench.build_model(cfg, device)
@@ -79,12 +89,19 @@ def run(name, fn, old=False, **over):
     json.dump(results, open(f"{OUT}/ab_trainers.json", "w"), indent=1)
 
 
-run("sft-new", bench.bench_sft)
-run("sft-old", bench.bench_sft, old=True)
-run("dpo-new", bench.bench_dpo)
-run("dpo-old", bench.bench_dpo, old=True)
-run("dpo-new-precompute", bench.bench_dpo, precompute_reference=True)
-run("dpo-new-2x8", bench.bench_dpo, dpo_grad_accum=8, profile_steps=0)
+if PLAN == "s2":
+    run("sft-new", bench.bench_sft)
+    run("sft-old", bench.bench_sft, old=True)
+    run("dpo-new", bench.bench_dpo)
+    run("dpo-old", bench.bench_dpo, old=True)
+    run("dpo-new-precompute", bench.bench_dpo, precompute_reference=True)
+    run("dpo-new-2x8", bench.bench_dpo, dpo_grad_accum=8, profile_steps=0)
+else:
+    run("sft-old", bench.bench_sft, old=True)
+    run("sft-new", bench.bench_sft, profile_steps=2)
+    run("dpo-old", bench.bench_dpo, old=True)
+    run("dpo-new", bench.bench_dpo, profile_steps=2)
 for r in results:
     print(r.get("variant"), r.get("tokens_per_s"), r.get("pairs_per_s"), r.get("train_pairs_per_s"),
-          r.get("peak_gib"), (r.get("profile") or {}).get("gpu_busy_share"), r.get("step0_loss"), r.get("error", ""))
+          r.get("peak_gib"), (r.get("profile") or {}).get("gpu_busy_share"), r.get("step0_loss"), r.get("step_ms"),
+          r.get("error", ""))

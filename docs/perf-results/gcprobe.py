@@ -6,7 +6,6 @@
 Perf-notes experiment 27.
 """
 import gc
-import json
 import os
 import sys
 import time

@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, os.getcwd())
 from app import bench
 from app.training.loop import _decoder
-from app.training.trainers import _fast, _collate, unpack_batch, logprobs_from_logits, _packed_forward
-from tests.training.conftest import lora, random_sequences
+from app.training.trainers import _fast, _collate, logprobs_from_logits, _packed_forward
+from tests.training.conftest import lora
 
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 cfg = bench.Config(shape=os.environ.get("SHAPE", "tiny"), num_layers=int(os.environ.get("LAYERS", 0)))
