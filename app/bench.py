@@ -102,6 +102,10 @@ class Config:
     precompute_reference: bool = option(False, "ours, DPO: reference log-probs precomputed in large rows "
                                         "(faster; step 0 matches ln 2 only to bf16 rounding) instead of the "
                                         "frozen adapter on the same row")
+    dpo_graphs: bool = option(True, "ours, DPO: replay each step's forward and backward as a CUDA graph (on CUDA; "
+                              "rows padded to a multiple of --graph-pad-multiple tokens)")
+    graph_pad_multiple: int = option(128, "ours, DPO with graphs: pad each packed row to a multiple of this")
+    dpo_share_prompt: bool = option(True, "ours, DPO: compute each pair's prompt once for both completions")
     gen_prompts: int = option(256, "generate: prompts")
     gen_new_tokens: int = option(128, "generate: new tokens per prompt (random weights rarely stop early)")
     gen_batch_size: int = option(256, "generate: our backend's batch size (the abel-7b preset's question batch)")
@@ -563,8 +567,8 @@ def _sft_adapter(base, config: Config, seed: int):
     """A LoRA model whose adapter stands in for a trained SFT adapter (B != 0): the policy's start."""
     import torch
 
+    torch.manual_seed(seed)  # LoRA A is drawn when the adapter is made: seeded too, so runs start alike
     model = lora_model(base, config, config.lora_dropout)
-    torch.manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
@@ -601,8 +605,12 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     started = _time.perf_counter()
     trainer = FastDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              compile=config.compile and device.type == "cuda",
-                             precompute_reference=config.precompute_reference)
+                             precompute_reference=config.precompute_reference,
+                             cuda_graphs=config.dpo_graphs and device.type == "cuda",
+                             graph_pad_multiple=config.graph_pad_multiple, share_prompt=config.dpo_share_prompt)
     setup_seconds = _time.perf_counter() - started
+    graph_window = _graph_window(trainer, config.warmup_steps, config.warmup_steps + config.steps)
+    trainer.add_callback(graph_window)
     # The precomputed reference splits the pairs over the ranks: all of them, in the slowest rank's time.
     _, ref_seconds = across_ranks(0, trainer.reference_seconds, device)
     run = time_trainer(trainer, device, config.warmup_steps, config.steps, config.profile_steps,
@@ -629,14 +637,42 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                      setting=f"FastDPOTrainer, batch {config.dpo_batch_size}x{config.dpo_grad_accum}: reference "
                              + ("precomputed in large rows" if config.precompute_reference else
                                 "= frozen adapter on the same packed row")
-                             + f", fused LoRA, chunked log-probs{_compiled(config)}",
+                             + (", each prompt computed once for both completions" if config.dpo_share_prompt else "")
+                             + f", fused LoRA, chunked log-probs{_compiled(config)}"
+                             + (", steps replayed as CUDA graphs" if trainer.graph_stats else ""),
                      steps=run["steps"], seconds=round(run["seconds"], 2), step_ms=run["step_ms"], **check,
-                     **_profile(run))]
+                     **graph_window.summary(), **_profile(run))]
+    log(f"dpo ours, cuda graphs: {graph_window.summary()}")
     if config.peer:
         rows_out.append(_guard(peer_dpo, "dpo", device, log, base, tokenizer, dataset, config, device, log, n_lora,
                                mean_len))
         base = _restore_base(base)
     return base, rows_out, {"mean_tokens_per_sequence": round(mean_len, 1)}
+
+
+def _graph_window(trainer, start: int, end: int):
+    """A callback with the CUDA-graph counts of the whole run and of the timed steps alone (`summary()`)."""
+    from transformers import TrainerCallback
+
+    class GraphWindow(TrainerCallback):
+        def __init__(self):
+            self.at = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            graphs = getattr(trainer, "_graphs", None)
+            if graphs is not None and state.global_step in (start, end):
+                self.at[state.global_step] = graphs.stats.as_dict()
+
+        def summary(self) -> dict:
+            if trainer.graph_stats is None:
+                return {"graphs_off": trainer.graphs_off_reason}
+            out = {"graphs": trainer.graph_stats.as_dict()}
+            if start in self.at and end in self.at:  # new row lengths in the timed steps ran eagerly, then captured
+                out["graphs_timed_window"] = {k: round(self.at[end][k] - self.at[start][k], 2) for k in
+                                              ("graphs_captured", "graph_replays", "eager_steps", "capture_seconds")}
+            return out
+
+    return GraphWindow()
 
 
 def check_dpo(model, pairs, device, log) -> dict:

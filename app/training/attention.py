@@ -41,8 +41,17 @@ def _varlen_kernel():
 _VARLEN = _varlen_kernel()
 
 
-def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scale: float):
-    """query (T, Hq, D), key/value (T, Hkv, D) -> (T, Hq, D), causal within each sequence."""
+def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scale: float, cu_seqlens_k=None,
+                     max_seqlen_k: int | None = None):
+    """query (T, Hq, D), key/value (K, Hkv, D) -> (T, Hq, D), causal within each segment.
+
+    Segment i's queries are rows cu_seqlens[i]:cu_seqlens[i+1] of `query`, its keys rows
+    cu_seqlens_k[i]:cu_seqlens_k[i+1] of `key` (by default the same rows). With more keys than
+    queries, the queries are the segment's last tokens (causal aligned at the bottom right, as
+    flash-attention does): query j sees keys 0 .. j + (keys - queries).
+    """
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     if query.is_cuda and _VARLEN is not None:
         kernel, causal = _VARLEN
         if key.shape[1] != query.shape[1]:
@@ -50,14 +59,20 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen: int, scale: floa
             # wrapper accepts them; repeating K/V costs ~2% of a layer's memory traffic.
             groups = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        return kernel(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
-    # One causal SDPA call per sequence: sum(L_i^2) work, not T^2, and no mask tensor.
-    bounds = cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(query[s:e].transpose(0, 1), key[s:e].transpose(0, 1),
-                                           value[s:e].transpose(0, 1), is_causal=True, scale=scale,
-                                           enable_gqa=True).transpose(0, 1)
-            for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs)
+        return kernel(query, key, value, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale=scale, **causal)
+    # One causal SDPA call per segment: sum(L_i^2) work, not T^2.
+    bounds, key_bounds = cu_seqlens.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for s, e, ks, ke in zip(bounds[:-1], bounds[1:], key_bounds[:-1], key_bounds[1:]):
+        q, k, v = query[s:e].transpose(0, 1), key[ks:ke].transpose(0, 1), value[ks:ke].transpose(0, 1)
+        if e - s == ke - ks:
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True))
+        else:
+            offset = (ke - ks) - (e - s)
+            mask = torch.arange(ke - ks)[None, :] <= torch.arange(e - s)[:, None] + offset
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device), scale=scale,
+                                                       enable_gqa=True))
+    return torch.cat([o.transpose(0, 1) for o in outs])
 
 
 def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -77,8 +92,15 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
                          f"({sliding_window}); not supported by the packed path")
     if dropout:
         raise ValueError("attention dropout is not supported by the packed path")
-    out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                           cu_seqlens, max_seqlen, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    kv_index = kwargs.get("packed_kv_index")
+    if kv_index is not None:
+        # Segments whose keys are not their own rows (a DPO prompt shared by both completions):
+        # the keys of every segment, gathered in segment order.
+        key, value = key.index_select(0, kv_index), value.index_select(0, kv_index)
+    out = varlen_attention(query[0].transpose(0, 1), key, value, cu_seqlens, max_seqlen,
+                           scaling if scaling is not None else query.shape[-1] ** -0.5,
+                           kwargs.get("packed_cu_seqlens_k"), kwargs.get("packed_max_seqlen_k"))
     return out.unsqueeze(0), None
 
 

@@ -43,9 +43,10 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients of `params` over all ranks, in one flat buffer."""
-    if world()[1] == 1:
+def all_reduce_grads(params: list[torch.nn.Parameter], average: bool = False) -> None:
+    """Sum (or, with `average`, as DDP does, average) the gradients of `params` over all ranks, in one flat buffer."""
+    size = world()[1]
+    if size == 1:
         return
     for p in params:  # a rank with no examples in this step still takes part, with zeros
         if p.grad is None:
@@ -53,6 +54,8 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     grads = [p.grad for p in params]
     flat = torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat)
+    if average:
+        flat.div_(size)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
 

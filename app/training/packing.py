@@ -114,3 +114,103 @@ def pad(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor([tok if keep else IGNORE for tok, keep in zip(seq.ids, seq.loss_mask)])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pack_pairs(pairs: list[tuple[Sequence, Sequence]], multiple: int | None = None,
+               max_length: int | None = None) -> dict[str, torch.Tensor | int] | None:
+    """DPO pairs in one row with each prompt computed once: ~22% fewer tokens at GSM8K lengths.
+
+    Each pair is (prompt+chosen, prompt+rejected) as `Pair.sequences` makes them (both start with
+    the same prompt tokens, loss mask 0 there). The row holds every prompt+chosen, then every
+    rejected completion alone, positions continuing after its prompt:
+
+        [P1 C1 | P2 C2 | ... | R1 | R2 | ... | filler]
+
+    Attention gathers each segment's keys (`kv_index`, `cu_seqlens_k`): a prompt+chosen segment
+    sees itself, a rejected segment sees its pair's prompt then itself (causal aligned at the
+    bottom right), so every token gets exactly the hidden states it gets in its own sequence.
+    The rejected completion's first token is predicted from the prompt's last position, which
+    also predicts the chosen completion's first token: `target_index` names that position twice.
+
+    Targets are listed per log-prob: `target_index` (which row position), `target_ids` (which
+    token), `target_owner` (sequence 2i for pair i's chosen, 2i+1 for its rejected; anything
+    else adds into the filler's slot 2P, which nothing reads).
+
+    With `multiple` (for CUDA graphs, which replay fixed shapes) every shape is a function of the
+    padded row length T alone: a filler segment (>= 1 token) pads the row to a multiple of
+    `multiple`, every position gets a log-prob plus one extra slot per pair, the keys are padded
+    to T + T // 2 (the filler's segment takes the spare ones), and the maxima are bounds
+    (`max_length`). Returns None when this layout does not apply (a rejected sequence with no
+    token past the prompt, or with `multiple`, prompts longer than half the row): use `pack`.
+    """
+    num_pairs = len(pairs)
+    ids, positions, kv_index, cu, cu_k = [], [], [], [0], [0]
+    entries = []  # (row position, target token, owner)
+    starts, shared = [], []
+    for n, (chosen, rejected) in enumerate(pairs):
+        s = 0
+        while s < min(len(chosen.ids), len(rejected.ids)) and not chosen.loss_mask[s] and not rejected.loss_mask[s] \
+                and chosen.ids[s] == rejected.ids[s]:
+            s += 1
+        if s == len(rejected.ids):
+            return None
+        start = len(ids)
+        starts.append(start)
+        shared.append(s)
+        ids.extend(chosen.ids)
+        positions.extend(range(len(chosen.ids)))
+        kv_index.extend(range(start, start + len(chosen.ids)))
+        entries.extend((start + j, chosen.ids[j + 1], 2 * n) for j in range(len(chosen.ids) - 1)
+                       if chosen.loss_mask[j + 1])
+        cu.append(len(ids))
+        cu_k.append(len(kv_index))
+    for n, (_, rejected) in enumerate(pairs):
+        start, s = len(ids), shared[n]
+        ids.extend(rejected.ids[s:])
+        positions.extend(range(s, len(rejected.ids)))
+        kv_index.extend(range(starts[n], starts[n] + s))
+        kv_index.extend(range(start, len(ids)))
+        # Token t of the rejected sequence is predicted at its position t - 1: in the prompt (t = s), or here.
+        entries.extend((starts[n] + t - 1 if t - 1 < s else start + t - 1 - s, rejected.ids[t], 2 * n + 1)
+                       for t in range(1, len(rejected.ids)) if rejected.loss_mask[t])
+        cu.append(len(ids))
+        cu_k.append(len(kv_index))
+    real = len(ids)
+    longest = max(max(len(c.ids), len(r.ids)) for c, r in pairs)
+    if multiple is None:
+        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+                "packed_cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+                "packed_cu_seqlens_k": torch.tensor(cu_k, dtype=torch.int32),
+                "packed_kv_index": torch.tensor(kv_index), "packed_max_seqlen": longest,
+                "packed_max_seqlen_k": max(b - a for a, b in zip(cu_k, cu_k[1:])),
+                "target_index": torch.tensor([e[0] for e in entries]), "target_ids": torch.tensor([e[1] for e in entries]),
+                "target_owner": torch.tensor([e[2] for e in entries]), "num_real_tokens": real,
+                "num_sequences": 2 * num_pairs}
+    size = -(-(real + 1) // multiple) * multiple
+    keys = size + size // 2
+    filler = size - real
+    spare_keys = keys - len(kv_index)
+    if spare_keys < filler:  # the prompts are more than half the row
+        return None
+    ids.extend([0] * filler)
+    positions.extend(range(filler))
+    # The filler's queries see its own tokens, preceded by spare keys (its first token, again and again).
+    kv_index.extend([real] * (spare_keys - filler) + list(range(real, size)))
+    cu.append(size)
+    cu_k.append(keys)
+    index, targets, owner = list(range(size)) + [real] * num_pairs, [0] * (size + num_pairs), \
+        [2 * num_pairs] * (size + num_pairs)
+    extra = size
+    for position, token, who in entries:
+        slot = position
+        if owner[slot] != 2 * num_pairs:  # the prompt's last position, already predicting the chosen completion
+            slot, extra = extra, extra + 1
+            index[slot] = position
+        targets[slot], owner[slot] = token, who
+    bound = max(max_length, multiple) if max_length else -(-max(longest, filler) // multiple) * multiple
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "packed_cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+            "packed_cu_seqlens_k": torch.tensor(cu_k, dtype=torch.int32), "packed_kv_index": torch.tensor(kv_index),
+            "packed_max_seqlen": bound, "packed_max_seqlen_k": max(bound, keys),
+            "target_index": torch.tensor(index), "target_ids": torch.tensor(targets), "target_owner": torch.tensor(owner),
+            "num_real_tokens": real, "num_sequences": 2 * num_pairs + 1}

@@ -45,9 +45,12 @@ from app.training.attention import packed_attention, uses_flash_varlen
 from app.training.data import Pair
 from app.training.lora import fused_lora
 from app.training.loss import dpo_sigmoid_loss
-from app.training.packing import IGNORE, Sequence, pack
+from app.training.packing import IGNORE, Sequence, pack, pack_pairs
 
 DEFAULT_CHUNK = 4096
+# CUDA graphs replay fixed shapes: padded rows are a multiple of this many tokens (~16 shapes, ~3% padding
+# for a GSM8K DPO run of 4 pairs per step).
+GRAPH_PAD_MULTIPLE = 128
 # One process or DDP: the model and its parameters are plain (DeepSpeed and FSDP have their own).
 _PLAIN_DISTRIBUTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -124,11 +127,15 @@ def _merge_accumulation(args) -> None:
         args.gradient_accumulation_steps = 1
 
 
+_SHARED_PROMPT_KEYS = ("packed_kv_index", "packed_cu_seqlens_k", "packed_max_seqlen_k")
+
+
 def _packed_forward(model, batch: dict) -> torch.Tensor:
     """Logits (M, V) at the positions that carry a loss, from one packed row."""
+    shared = {k: batch[k] for k in _SHARED_PROMPT_KEYS if k in batch}  # `pack_pairs`: gathered keys per segment
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                 packed_cu_seqlens=batch["packed_cu_seqlens"], packed_max_seqlen=batch["packed_max_seqlen"],
-                logits_to_keep=batch["target_index"], use_cache=False)
+                logits_to_keep=batch["target_index"], use_cache=False, **shared)
     return out.logits[0]
 
 
@@ -357,25 +364,57 @@ class FastSFTTrainer(_LeanHost, SFTTrainer):
 # DPO
 
 
+def _collate_padded(sequences: list[Sequence], multiple: int, max_length: int | None) -> dict:
+    """One packed row padded to a multiple of `multiple` tokens, in a layout that only the shape varies in.
+
+    For CUDA graphs (`graphs.py`), which replay fixed shapes: a filler sequence (at least one
+    token, its own attention segment) fills the row, every position gets a log-prob (positions
+    without a target compute one for token 0 and add it to the filler's sum, which nothing reads:
+    ~2% more FLOPs at GSM8K lengths, but no second varying size), and `packed_max_seqlen` is a
+    bound (`max_length`) instead of the row's own maximum.
+    """
+    real = sum(len(s.ids) for s in sequences)
+    size = -(-(real + 1) // multiple) * multiple
+    filler = size - real
+    p = pack(sequences + [Sequence([0] * filler, [0] * filler)])
+    has_target = p.targets != IGNORE
+    max_seqlen = max(max_length, multiple) if max_length else -(-max(p.max_seqlen, filler) // multiple) * multiple
+    return {"input_ids": p.input_ids, "position_ids": p.position_ids, "packed_cu_seqlens": p.cu_seqlens,
+            "packed_max_seqlen": max_seqlen, "target_index": torch.arange(size),
+            "target_ids": torch.where(has_target, p.targets, 0),
+            "target_owner": torch.where(has_target, p.seq_index, len(sequences)),
+            "num_real_tokens": real, "num_sequences": len(sequences) + 1, "static_shape": True}
+
+
 class PairCollator:
     """TRL-prepared pairs ({prompt_ids, chosen_ids, rejected_ids, ref_*_logps}) -> one packed row.
 
     Sequences go chosen, rejected, chosen, rejected, ...; truncated like TRL's (keep the start).
+    With `pad_multiple`, the row is padded for CUDA graphs (`_collate_padded`).
     """
 
-    def __init__(self, max_length: int | None):
+    def __init__(self, max_length: int | None, pad_multiple: int | None = None, share_prompt: bool = False):
         self.max_length = max_length
+        self.pad_multiple = pad_multiple
+        self.share_prompt = share_prompt
 
     def __call__(self, features: list[dict]) -> dict:
-        seqs = []
-        for f in features:
-            seqs.extend(Pair(list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"]))
-                        .sequences(self.max_length))
-        batch = _collate(seqs)
-        # DPO normalises per pair, not per token: no `labels`, so the Trainer counts nothing.
-        batch["targets"] = batch.pop("shift_labels")[0]
-        del batch["labels"]
-        batch["num_sequences"] = len(seqs)
+        pairs = [Pair(list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"])).sequences(self.max_length)
+                 for f in features]
+        seqs = [s for pair in pairs for s in pair]
+        shared = pack_pairs(pairs, self.pad_multiple, self.max_length) if self.share_prompt else None
+        if shared is not None:
+            batch = shared
+            batch["static_shape"] = self.pad_multiple is not None
+        elif self.pad_multiple:
+            batch = _collate_padded(seqs, self.pad_multiple, self.max_length)
+        else:
+            batch = _collate(seqs)
+            # DPO normalises per pair, not per token: no `labels`, so the Trainer counts nothing.
+            batch["targets"] = batch.pop("shift_labels")[0]
+            del batch["labels"]
+            batch["num_sequences"] = len(seqs)
+        batch["num_pairs"] = len(features)
         if "ref_chosen_logps" in features[0]:
             batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
             batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features],
@@ -389,12 +428,35 @@ def pair_sums(model, batch: dict, token_logps: bool = False):
     With `token_logps`, also the per-token log-probs and which sequence each belongs to.
     """
     index = batch["target_index"]
-    logps = logprobs_from_logits(_packed_forward(model, batch), batch["targets"].index_select(0, index))
-    owner = batch["seq_index"].index_select(0, index)
+    if "target_owner" in batch:  # `pack_pairs`, `_collate_padded`: per log-prob, its token and where it adds up
+        targets, owner = batch["target_ids"], batch["target_owner"]
+    else:
+        targets, owner = batch["targets"].index_select(0, index), batch["seq_index"].index_select(0, index)
+    logps = logprobs_from_logits(_packed_forward(model, batch), targets)
     sums = torch.zeros(batch["num_sequences"], dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
+    n = 2 * batch.get("num_pairs", batch["num_sequences"] // 2)
     if token_logps:
-        return sums[0::2], sums[1::2], logps, owner
-    return sums[0::2], sums[1::2]
+        return sums[0:n:2], sums[1:n:2], logps, owner
+    return sums[0:n:2], sums[1:n:2]
+
+
+def graph_key(inputs: dict):
+    """What fixes every shape of a padded batch (`_collate_padded`): its CUDA graph's key; None for other batches."""
+    if not inputs.get("static_shape"):
+        return None
+    return tuple((k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, v) for k, v in sorted(inputs.items()))
+
+
+def _log(message: str) -> None:
+    from app.log import log
+
+    log(message)
+
+
+def log_graph_stats(stats) -> None:
+    line = (f"cuda graphs: {stats.replayed} steps replayed, {stats.eager} eager (the first of each row length), "
+            f"{stats.captured} graphs captured in {stats.capture_seconds:.1f}s")
+    _log(line + (f"; capture failed: {stats.failure}" if stats.failure else ""))
 
 
 class _AdapterSwap:
@@ -437,7 +499,8 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
     """TRL's DPOTrainer (sigmoid loss, PEFT policy whose start is the reference) with the fast step."""
 
     def __init__(self, *args, merge_accumulation: bool = True, precompute_reference: bool = False,
-                 compile: bool | None = None, reference_max_tokens: int = 16384, **kwargs):
+                 compile: bool | None = None, reference_max_tokens: int = 16384, cuda_graphs: bool | None = None,
+                 graph_pad_multiple: int = GRAPH_PAD_MULTIPLE, share_prompt: bool = True, **kwargs):
         args_ = kwargs.get("args")
         if args_ is None:
             raise ValueError("FastDPOTrainer needs args=DPOConfig(...)")
@@ -461,15 +524,79 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         self._reference_max_tokens = reference_max_tokens
         self._swap = None
         self.reference_seconds = 0.0
-        kwargs.setdefault("data_collator", PairCollator(args_.max_length))
+        self._graphs = None
+        self.graph_stats = None  # the last train()'s GraphStats, when it ran with CUDA graphs
+        wants_graphs = torch.cuda.is_available() if cuda_graphs is None else cuda_graphs
+        kwargs.setdefault("data_collator", PairCollator(args_.max_length, graph_pad_multiple if wants_graphs else None,
+                                                        share_prompt=share_prompt))
         super().__init__(*args, **kwargs)
         if self.ref_model is not None:
             raise ValueError("FastDPOTrainer expects a PEFT policy whose starting adapter is the reference "
                              "(TRL's `ref` adapter copy), not a separate reference model")
         self._lean_init()
+        self.graphs_off_reason = self._why_no_graphs() if wants_graphs else "turned off"
+        if self.graphs_off_reason and isinstance(self.data_collator, PairCollator):
+            self.data_collator.pad_multiple = None  # no graphs: no padding either
+
+    def _why_no_graphs(self) -> str | None:
+        """Why this trainer's steps cannot be CUDA graphs, or None (`graphs.py` says what a graph needs)."""
+        args = self.args
+        if args.gradient_accumulation_steps != 1:
+            return "gradient accumulation that is not merged (the 'sft' loss term): a graph's gradients are not summed"
+        if self.accelerator.distributed_type not in _PLAIN_DISTRIBUTED or args.n_gpu > 1:
+            return f"{self.accelerator.distributed_type} training"
+        if args.fp16 or getattr(args, "activation_offloading", False):
+            return "fp16 loss scaling or activation offloading"
+        dropouts = [m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if dropouts:
+            return f"{len(dropouts)} dropout modules are on (random numbers in graphs are not tested here)"
+        if not isinstance(self.data_collator, PairCollator):
+            return "a data collator of the caller's (rows are not padded to a few shapes)"
+        return None
 
     def train(self, *args, **kwargs):
-        return self._train_fast(*args, **kwargs)
+        if self.graphs_off_reason and self.graphs_off_reason != "turned off" and torch.cuda.is_available():
+            _log(f"cuda graphs off: {self.graphs_off_reason}")
+        try:
+            return self._train_fast(*args, **kwargs)
+        finally:
+            if self._graphs is not None:
+                self.graph_stats = self._graphs.stats
+                log_graph_stats(self.graph_stats)
+            self._graphs = None  # its buffers and memory pool go with it
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, or with CUDA graphs: the forward and backward replayed as one graph.
+
+        Every step of the graph path (replayed or, for a new row length, eager) runs on the
+        unwrapped model and ends with the same one all-reduce of the adapter gradients (averaged,
+        as DDP does), so ranks stay in step whichever way each one ran.
+        """
+        if self.graphs_off_reason or not self._fast_on:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        self.tokens_seen += inputs["num_real_tokens"]
+        unwrapped = self._unwrap(model)
+        if self._graphs is None:
+            from app.training.graphs import StepGraphs
+
+            self._graphs = StepGraphs(self._trainable(), capture=torch.cuda.is_available(), log=_log)
+
+        def loss_fn(batch):
+            with self.autocast_smart_context_manager(cache_enabled=False):  # no cached casts across captures
+                loss, per_pair = self._loss_and_metrics(unwrapped, unpack_batch(batch))
+            return loss, per_pair
+
+        step_inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
+        loss, per_pair = self._graphs.step(graph_key(step_inputs), step_inputs, loss_fn)
+        distributed.all_reduce_grads(self._trainable(), average=True)
+        self._pending_metrics["train"].append(self.accelerator.gather(per_pair).mean(0))
+        if self.args.torch_empty_cache_steps is not None and self.state.global_step % self.args.torch_empty_cache_steps == 0:
+            torch.cuda.empty_cache()
+        return loss
 
     def _reference(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of the batch: precomputed, or TRL's frozen `ref` adapter on the same row.
@@ -543,16 +670,15 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         dataset = dataset.add_column("ref_chosen_logps", out[:, 0].tolist())
         return dataset.add_column("ref_rejected_logps", out[:, 1].tolist())
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        inputs = unpack_batch(inputs)
-        self.tokens_seen += inputs["num_real_tokens"]
+    def _loss_and_metrics(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's loss and the (pairs, 6) metrics TRL logs, from one unpacked batch."""
         with self._fast_step(model):
             ref_chosen, ref_rejected = self._reference(model, inputs)
             chosen, rejected, token_logps, owner = pair_sums(model, inputs, token_logps=True)
         loss = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta).mean() * self._loss_weights["sigmoid"]
         if "sft" in self._loss_weights:  # TRL's: mean NLL over the chosen completions' tokens of the micro-batch
-            chosen_mask = (owner % 2 == 0).to(token_logps.dtype)  # a mask, not boolean indexing: no host sync
+            # A mask, not boolean indexing (no host sync); a padded row's filler is no chosen completion.
+            chosen_mask = ((owner % 2 == 0) & (owner < 2 * chosen.shape[0])).to(token_logps.dtype)
             loss = loss - (token_logps * chosen_mask).sum() / chosen_mask.sum() * self._loss_weights["sft"]
 
         # The metrics TRL logs (the dpo phase checks the step-0 loss and margin from them), kept on
@@ -562,7 +688,14 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         rejected_rewards = self.beta * (rejected - ref_rejected).detach()
         per_pair = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
                                 chosen_rewards - rejected_rewards, chosen.detach(), rejected.detach()])
-        self._pending_metrics[mode].append(self.accelerator.gather(per_pair.t().contiguous()).mean(0))
+        return loss, per_pair.t().contiguous()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = unpack_batch(inputs)
+        self.tokens_seen += inputs["num_real_tokens"]
+        loss, per_pair = self._loss_and_metrics(model, inputs)
+        self._pending_metrics[mode].append(self.accelerator.gather(per_pair).mean(0))
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
