@@ -8,7 +8,9 @@ which transformers passes down, untouched, to every attention call.
 On CUDA this is flash-attention's varlen kernel, shipped inside PyTorch
 (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10): no padding, no mask tensor, no
 wasted blocks. Elsewhere (CPU tests, older torch) it is one causal SDPA call per sequence:
-slower, the same function. A call without the packed keywords (generation,
+slower, the same function. A segment's keys may be other rows than its queries
+(`packed_kv_index`, `packed_cu_seqlens_k`): DPO's rejected completion attends to the prompt
+that its chosen twin already computed (`packing.pack_pairs`). A call without the packed keywords (generation,
 evaluation) goes to plain SDPA, so a model left in this mode still works.
 """
 

@@ -47,3 +47,17 @@ def test_packed_mode_skips_transformers_packed_row_detection(tiny):
             assert masking_utils.find_packed_sequence_indices(position_ids) is None
         assert masking_utils.find_packed_sequence_indices(position_ids) is None
     assert masking_utils.find_packed_sequence_indices is original
+
+
+def test_varlen_attention_with_more_keys_than_queries_is_the_end_of_the_longer_sequence():
+    """A DPO rejected completion attending to its prompt (gathered keys): bottom-right causal."""
+    torch.manual_seed(0)
+    full = 9  # prompt (4) + completion (5): the completion's queries, the whole sequence's keys
+    q, k, v = torch.randn(full, 4, 8), torch.randn(full, 2, 8), torch.randn(full, 2, 8)
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+                                         v.repeat_interleave(2, 1).transpose(0, 1), is_causal=True).transpose(0, 1)
+    other = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)  # a segment of its own before it
+    out = varlen_attention(torch.cat([other[0], q[4:]]), torch.cat([other[1], k]), torch.cat([other[2], v]),
+                           torch.tensor([0, 3, 8], dtype=torch.int32), 5, 8 ** -0.5,
+                           cu_seqlens_k=torch.tensor([0, 3, 12], dtype=torch.int32), max_seqlen_k=9)
+    torch.testing.assert_close(out[3:], ref[4:], rtol=1e-5, atol=1e-5)

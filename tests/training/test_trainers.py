@@ -143,7 +143,7 @@ def test_packed_batches_cross_from_the_loader_as_one_tensor(tiny, rows):
     assert sft["labels"] is sft["shift_labels"]  # one object: pickled (and handed over) once
 
 
-def _dpo_log(cls, base, tokenizer, rows, **extra):
+def _dpo_trainer(cls, base, tokenizer, rows, steps: int = 2, trainer_kwargs=None, **extra):
     from datasets import Dataset
     from trl import DPOConfig
 
@@ -152,11 +152,15 @@ def _dpo_log(cls, base, tokenizer, rows, **extra):
     model = lora(base, r=8, b_std=0.05, seed=1)  # stands in for a trained SFT adapter
     torch.manual_seed(0)
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                     max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+                     max_steps=steps, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
                      use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, disable_tqdm=True, **extra)
-    trainer = cls(model=model, args=args, processing_class=tokenizer,
-                  train_dataset=Dataset.from_list([{"prompt": r["prompt"], "chosen": r["completion"],
-                                                   "rejected": r["rejected"]} for r in rows]))
+    return cls(model=model, args=args, processing_class=tokenizer, **(trainer_kwargs or {}),
+               train_dataset=Dataset.from_list([{"prompt": r["prompt"], "chosen": r["completion"],
+                                                "rejected": r["rejected"]} for r in rows]))
+
+
+def _dpo_log(cls, base, tokenizer, rows, steps: int = 2, trainer_kwargs=None, **extra):
+    trainer = _dpo_trainer(cls, base, tokenizer, rows, steps, trainer_kwargs, **extra)
     trainer.train()
     log = [h for h in trainer.state.log_history if "loss" in h]
     _restore(trainer)
@@ -222,3 +226,84 @@ def test_adapter_swap_computes_with_the_other_adapter_and_restores_the_active_on
     assert torch.equal(model(input_ids=ids).logits, policy)
     with pytest.raises(ValueError, match="no weight matching"):
         _AdapterSwap(model, "missing")
+
+
+def test_fast_dpo_trainer_with_step_graphs_learns_what_trl_learns(tiny, rows):
+    """The CUDA-graph path on the CPU: padded rows, steps recorded once per row length and replayed."""
+    from trl import DPOTrainer
+
+    from app.training.trainers import FastDPOTrainer
+
+    base, tokenizer, _ = tiny
+    reference = _dpo_log(DPOTrainer, base, tokenizer, rows, steps=4)
+    # One row length for the whole run (rows padded to 4096 tokens): step 1 runs eagerly and is recorded, 2-4 replay.
+    trainer = _dpo_trainer(FastDPOTrainer, base, tokenizer, rows, steps=4,
+                           trainer_kwargs={"cuda_graphs": True, "graph_pad_multiple": 4096})
+    assert trainer.graphs_off_reason is None and trainer.data_collator.pad_multiple == 4096
+    trainer.train()
+    fast = [h for h in trainer.state.log_history if "loss" in h]
+    stats = trainer.graph_stats
+    _restore(trainer)
+    assert (stats.eager, stats.captured, stats.replayed, stats.failure) == (1, 1, 3, None)
+    assert fast[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"):
+        assert [h[key] for h in fast] == pytest.approx([h[key] for h in reference], rel=1e-3, abs=1e-4), key
+
+
+def test_fast_dpo_trainer_says_why_it_runs_without_graphs(tiny, rows):
+    from app.training.trainers import FastDPOTrainer
+
+    base, tokenizer, _ = tiny
+    # TRL's 'sft' term keeps the accumulation micro-steps, whose gradients a graph would not sum.
+    trainer = _dpo_trainer(FastDPOTrainer, base, tokenizer, rows, trainer_kwargs={"cuda_graphs": True},
+                           loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    assert "accumulation" in trainer.graphs_off_reason and trainer.data_collator.pad_multiple is None
+    _restore(trainer)
+    trainer = _dpo_trainer(FastDPOTrainer, base, tokenizer, rows)  # the CPU default
+    assert trainer.graphs_off_reason == "turned off" and trainer.data_collator.share_prompt
+    _restore(trainer)
+
+
+def test_pair_sums_are_the_same_in_every_row_layout(tiny, rows):
+    """Separate sequences, each prompt once (`pack_pairs`), and both padded for graphs: the same log-probs."""
+    from app.training.data import tokenize_pairs
+    from app.training.trainers import PairCollator, _fast, pair_sums, unpack_batch
+    from tests.training.conftest import lora
+
+    base, tokenizer, _ = tiny
+    pairs = tokenize_pairs(tokenizer, [r["prompt"] for r in rows[:3]], [r["completion"] for r in rows[:3]],
+                           [r["rejected"] for r in rows[:3]])
+    features = [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
+    model = lora(base, r=8, b_std=0.05, seed=1)
+    model.eval()
+    sums = {}
+    for name, collator in {"separate": PairCollator(200), "shared prompt": PairCollator(200, share_prompt=True),
+                           "padded": PairCollator(200, 128),
+                           "shared and padded": PairCollator(200, 128, share_prompt=True)}.items():
+        batch = unpack_batch(collator(features))
+        with torch.no_grad(), _fast(model):
+            sums[name] = torch.stack(pair_sums(model, batch))
+        assert sums[name].shape == (2, 3)
+    for name, value in sums.items():
+        torch.testing.assert_close(value, sums["separate"], rtol=1e-5, atol=1e-3, msg=name)
+    from app import bench
+
+    bench._restore_base(model)
+
+
+def test_step_graphs_take_precomputed_reference_log_probs_as_inputs(tiny, rows):
+    from app.training.trainers import FastDPOTrainer
+
+    base, tokenizer, _ = tiny
+    eager = _dpo_log(FastDPOTrainer, base, tokenizer, rows, steps=3, trainer_kwargs={"precompute_reference": True})
+    trainer = _dpo_trainer(FastDPOTrainer, base, tokenizer, rows, steps=3,
+                           trainer_kwargs={"precompute_reference": True, "cuda_graphs": True,
+                                           "graph_pad_multiple": 4096})
+    trainer.train()
+    graphed = [h for h in trainer.state.log_history if "loss" in h]
+    stats = trainer.graph_stats
+    _restore(trainer)
+    assert (stats.captured, stats.replayed) == (1, 2)  # the replays read each step's reference log-probs
+    assert graphed[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert [h[key] for h in graphed] == pytest.approx([h[key] for h in eager], rel=1e-4, abs=1e-5), key
