@@ -594,7 +594,7 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                                  for r in rows])
     model = _sft_adapter(base, config, config.seed + 11)
     n_lora = lora_param_count(model)
-    check = check_dpo(model, pairs, device, log) if config.check else {}
+    check = check_dpo(model, pairs, device, log, config.dpo_share_prompt) if config.check else {}
     # The dpo phase's settings (app/phases/dpo.py), with TRL's trainer class swapped for ours.
     args = DPOConfig(per_device_train_batch_size=config.dpo_batch_size,
                      gradient_accumulation_steps=config.dpo_grad_accum, max_steps=_our_steps(config),
@@ -675,8 +675,9 @@ def _graph_window(trainer, start: int, end: int):
     return GraphWindow()
 
 
-def check_dpo(model, pairs, device, log) -> dict:
-    """Summed completion log-probs of a few pairs: packed fast path vs the plain padded path."""
+def check_dpo(model, pairs, device, log, share_prompt: bool = True) -> dict:
+    """Summed completion log-probs of a few pairs: packed fast path (in the layout ours trains on) vs the
+    plain padded path."""
     import torch
 
     from app.training.packing import IGNORE, pad
@@ -692,7 +693,7 @@ def check_dpo(model, pairs, device, log) -> dict:
         logp = logits[:, :-1].float().log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
         plain = (logp * (labels != IGNORE)).sum(1)
         batch = unpack_batch({k: v.to(device) if torch.is_tensor(v) else v
-                              for k, v in PairCollator(1024)(features).items()})
+                              for k, v in PairCollator(1024, share_prompt=share_prompt)(features).items()})
         with _fast(model):
             chosen, rejected = pair_sums(model, batch)
         fast = torch.stack([chosen, rejected], 1).reshape(-1)

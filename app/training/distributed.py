@@ -60,6 +60,17 @@ def all_reduce_grads(params: list[torch.nn.Parameter], average: bool = False) ->
         grad.copy_(synced)
 
 
+@torch.no_grad()
+def broadcast_params(params: list[torch.nn.Parameter]) -> None:
+    """Rank 0's values of `params` on every rank, in one flat buffer (what DDP does when it wraps a model)."""
+    if world()[1] == 1:
+        return
+    flat = torch._utils._flatten_dense_tensors([p.data for p in params])
+    dist.broadcast(flat, src=0)
+    for param, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.data for p in params])):
+        param.data.copy_(synced)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(tensor)

@@ -25,7 +25,9 @@ Graphs need fixed shapes and addresses, so:
 
 Not captured: anything between steps (the optimizer, clipping, logging, the gradient
 all-reduce of several ranks, which the caller does after `step`). If a capture fails, `step`
-says why once and runs every later step eagerly.
+says why once and runs every later step eagerly. DDP must not hold the parameters: it keeps
+their gradient-accumulation nodes, made on the default stream, and a capture on another stream
+then fails (the fast DPO trainer runs its graph path without DDP and all-reduces itself).
 
 With `capture=False` (the CPU, tests) the same bookkeeping runs and "replaying" calls `loss_fn`
 again on the copied inputs: the inputs, outputs and gradients go through the same buffers.
@@ -60,6 +62,17 @@ def _detached(values) -> tuple:
     return tuple(v.detach() for v in values)
 
 
+def _reset_capture_state() -> None:
+    """After a failed capture, one empty capture: it puts the CUDA generator back out of its capture state.
+
+    Otherwise every later random op on the device (dropout, `torch.randn`, sampling) raises
+    "Offset increment outside graph capture encountered unexpectedly" (seen with torch 2.11).
+    """
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin()
+    graph.capture_end()
+
+
 class _Recorded:
     """One key's captured step: its input buffers, its outputs, and how to run it again."""
 
@@ -72,6 +85,9 @@ class StepGraphs:
         self.params = list(params)
         if not self.params:
             raise ValueError("StepGraphs needs the trainable parameters")
+        if capture and not all(p.is_cuda for p in self.params):
+            # A CUDA graph of CPU work captures nothing, and its replays would do nothing.
+            raise ValueError("StepGraphs(capture=True) needs parameters on a CUDA device")
         self.capture = capture
         self.max_graphs = max_graphs
         self.log = log or (lambda message: None)
@@ -141,6 +157,7 @@ class StepGraphs:
             self.log(f"cuda graphs: capture failed, every step runs eagerly from now on ({self.stats.failure})")
             if self.capture:
                 torch.cuda.synchronize()
+                _reset_capture_state()
         else:
             self.recorded[key] = recorded
             self.stats.captured += 1

@@ -137,7 +137,8 @@ def pack_pairs(pairs: list[tuple[Sequence, Sequence]], multiple: int | None = No
     else adds into the filler's slot 2P, which nothing reads).
 
     With `multiple` (for CUDA graphs, which replay fixed shapes) every shape is a function of the
-    padded row length T alone: a filler segment (>= 1 token) pads the row to a multiple of
+    padded row length T and the number of pairs alone (with `max_length`; without it the bounds
+    below vary too): a filler segment (>= 1 token) pads the row to a multiple of
     `multiple`, every position gets a log-prob plus one extra slot per pair, the keys are padded
     to T + T // 2 (the filler's segment takes the spare ones), and the maxima are bounds
     (`max_length`). Returns None when this layout does not apply (a rejected sequence with no

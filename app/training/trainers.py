@@ -535,7 +535,8 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         self.reference_seconds = 0.0
         self._graphs = None
         self.graph_stats = None  # the last train()'s GraphStats, when it ran with CUDA graphs
-        wants_graphs = torch.cuda.is_available() if cuda_graphs is None else cuda_graphs
+        # By default on CUDA; on the CPU, cuda_graphs=True runs the same bookkeeping without capturing (tests).
+        wants_graphs = (torch.cuda.is_available() and not args_.use_cpu) if cuda_graphs is None else cuda_graphs
         kwargs.setdefault("data_collator", PairCollator(args_.max_length, graph_pad_multiple if wants_graphs else None,
                                                         share_prompt=share_prompt))
         super().__init__(*args, **kwargs)
@@ -554,8 +555,8 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
             return "gradient accumulation that is not merged (the 'sft' loss term): a graph's gradients are not summed"
         if self.accelerator.distributed_type not in _PLAIN_DISTRIBUTED or args.n_gpu > 1:
             return f"{self.accelerator.distributed_type} training"
-        if args.fp16 or getattr(args, "activation_offloading", False):
-            return "fp16 loss scaling or activation offloading"
+        if args.fp16 or getattr(args, "activation_offloading", False) or args.gradient_checkpointing:
+            return "fp16 loss scaling, activation offloading or gradient checkpointing"
         dropouts = [m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
         if dropouts:
             return f"{len(dropouts)} dropout modules are on (random numbers in graphs are not tested here)"
@@ -566,9 +567,18 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
     def train(self, *args, **kwargs):
         if self.graphs_off_reason and self.graphs_off_reason != "turned off" and torch.cuda.is_available():
             _log(f"cuda graphs off: {self.graphs_off_reason}")
+        without_ddp = not self.graphs_off_reason and self.accelerator.num_processes > 1
+        if without_ddp:
+            # The graph path all-reduces the adapter's gradients itself, and a DDP wrapper would make
+            # every capture fail (`graphs.py`): the Trainer's accelerate prepares the model without it.
+            prepare_model = self.accelerator.prepare_model
+            self.accelerator.prepare_model = lambda model, device_placement=None, evaluation_mode=False: \
+                prepare_model(model, device_placement=device_placement, evaluation_mode=True)
         try:
             return self._train_fast(*args, **kwargs)
         finally:
+            if without_ddp:
+                del self.accelerator.prepare_model
             if self._graphs is not None:
                 self.graph_stats = self._graphs.stats
                 log_graph_stats(self.graph_stats)
@@ -578,8 +588,9 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         """The Trainer's step, or with CUDA graphs: the forward and backward replayed as one graph.
 
         Every step of the graph path (replayed or, for a new row length, eager) runs on the
-        unwrapped model and ends with the same one all-reduce of the adapter gradients (averaged,
-        as DDP does), so ranks stay in step whichever way each one ran.
+        unwrapped model (several ranks: no DDP wrapper, see `train`) and ends with the same one
+        all-reduce of the adapter gradients (averaged, as DDP does), so ranks stay in step
+        whichever way each one ran.
         """
         if self.graphs_off_reason or not self._fast_on:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -592,12 +603,14 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         if self._graphs is None:
             from app.training.graphs import StepGraphs
 
-            self._graphs = StepGraphs(self._trainable(), capture=torch.cuda.is_available(), log=_log)
+            distributed.broadcast_params(self._trainable())  # as DDP would have, when it wrapped the model
+            self._graphs = StepGraphs(self._trainable(), capture=self.args.device.type == "cuda", log=_log)
 
         def loss_fn(batch):
-            with self.autocast_smart_context_manager(cache_enabled=False):  # no cached casts across captures
-                loss, per_pair = self._loss_and_metrics(unwrapped, unpack_batch(batch))
-            return loss, per_pair
+            # As the eager path: the mixed precision is accelerate's autocast around each forward, which
+            # opens and closes inside the captured step, so no cached cast outlives a capture.
+            with self.compute_loss_context_manager():
+                return self._loss_and_metrics(unwrapped, unpack_batch(batch))
 
         step_inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
         loss, per_pair = self._graphs.step(graph_key(step_inputs), step_inputs, loss_fn)

@@ -36,8 +36,8 @@ def main(phase: str, out: str, batch: int) -> None:
                                                                   for r in rows]))
     else:
         # Rows of ~1,000 (one rank) or ~500 tokens (each of two): one padded length, 2048, for every step.
-        trainer = FastDPOTrainer(model=lora(base, r=8, b_std=0.05, seed=1),
-                                 args=DPOConfig(max_steps=3, max_length=160, **common), processing_class=tokenizer,
+        args = DPOConfig(max_steps=3, max_length=160, gradient_checkpointing=False, **common)
+        trainer = FastDPOTrainer(model=lora(base, r=8, b_std=0.05, seed=1), args=args, processing_class=tokenizer,
                                  cuda_graphs=True, graph_pad_multiple=2048,
                                  train_dataset=Dataset.from_list([{"prompt": r["prompt"], "chosen": r["completion"],
                                                                   "rejected": r["rejected"]} for r in rows]))
@@ -45,7 +45,8 @@ def main(phase: str, out: str, batch: int) -> None:
     if trainer.accelerator.is_main_process:
         logged = [h for h in trainer.state.log_history if "loss" in h]
         result = {"losses": [h["loss"] for h in logged], "grad_norms": [h["grad_norm"] for h in logged],
-                  "world_size": trainer.args.world_size}
+                  "world_size": trainer.args.world_size,
+                  "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)}
         if phase == "dpo":
             stats = trainer.graph_stats
             result.update(margins=[h["rewards/margins"] for h in logged], replays=stats.replayed,

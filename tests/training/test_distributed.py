@@ -26,7 +26,7 @@ def test_two_ranks_learn_what_one_rank_learns(tmp_path):
           str(two), "2"], tmp_path)
     single, ddp = json.loads(one.read_text()), json.loads(two.read_text())
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
-    assert len(ddp["losses"]) == 2
+    assert ddp["ddp"] and len(ddp["losses"]) == 2
     # Same examples per step (4), loss normalised over the step's tokens on both ranks, gradients summed:
     # the second step's loss only matches if the first update did.
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4)
@@ -43,6 +43,7 @@ def test_two_ranks_on_the_graph_path_learn_what_one_rank_learns(tmp_path):
     single, ddp = json.loads(one.read_text()), json.loads(two.read_text())
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert (ddp["captured"], ddp["replays"]) == (single["captured"], single["replays"]) == (1, 2)
+    assert not ddp["ddp"]  # a DDP wrapper would make every real capture fail
     # Steps 2 and 3 are replays; their losses only match if the all-reduced updates before them did.
     for key in ("losses", "grad_norms", "margins"):
         assert ddp[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key

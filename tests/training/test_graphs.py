@@ -100,3 +100,50 @@ def test_a_failed_capture_keeps_the_steps_result_and_turns_graphs_off():
 def test_step_graphs_need_parameters():
     with pytest.raises(ValueError, match="trainable"):
         StepGraphs([], capture=False)
+
+
+def test_capture_refuses_parameters_off_the_gpu():
+    """A CUDA graph of CPU work records nothing: its replays would silently repeat the first step's result."""
+    with pytest.raises(ValueError, match="CUDA"):
+        StepGraphs(list(_model().parameters()), capture=True)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@cuda
+def test_captured_replays_compute_the_eager_step_on_cuda():
+    model = _model().cuda()
+    graphs = StepGraphs(list(model.parameters()), capture=True)
+    fn = _loss_fn(model)
+    for seed in range(5):  # two shapes, replayed out of order, the weights changing in between
+        n = 4 if seed % 2 == 0 else 8
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _batch(seed, n).items()}
+        expected_loss, _, expected_grads = _eager(model, batch)
+        model.zero_grad(set_to_none=True)
+        loss, _ = graphs.step(("shape", n), batch, fn)
+        torch.testing.assert_close(loss, expected_loss)
+        for p, g in zip(model.parameters(), expected_grads):
+            torch.testing.assert_close(p.grad, g)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    assert (graphs.stats.captured, graphs.stats.replayed, graphs.stats.failure) == (2, 3, None)
+
+
+@cuda
+def test_random_numbers_on_the_gpu_still_work_after_a_failed_capture():
+    model = _model().cuda()
+    graphs = StepGraphs(list(model.parameters()), capture=True)
+    fn = _loss_fn(model)
+
+    def syncs(batch):
+        loss, out = fn(batch)
+        float(loss)  # a host read: not allowed while capturing
+        return loss, out
+
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _batch(0).items()}
+    graphs.step(("a",), batch, syncs)
+    assert graphs.stats.failure is not None and graphs.stats.captured == 0
+    assert torch.randn(3, device="cuda").isfinite().all()
+    torch.nn.functional.dropout(torch.ones(8, device="cuda"), 0.5)
