@@ -18,13 +18,18 @@ def _run(cmd, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def _one_and_two_ranks(phase: str, tmp_path) -> tuple[dict, dict]:
+    """The worker's results: one process with a batch of 4, then two torchrun ranks with 2 each."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    _run([sys.executable, str(WORKER), phase, str(one), "4"], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), phase,
+          str(two), "2"], tmp_path)
+    return json.loads(one.read_text()), json.loads(two.read_text())
+
+
 @pytest.mark.slow
 def test_two_ranks_learn_what_one_rank_learns(tmp_path):
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    _run([sys.executable, str(WORKER), "sft", str(one), "4"], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), "sft",
-          str(two), "2"], tmp_path)
-    single, ddp = json.loads(one.read_text()), json.loads(two.read_text())
+    single, ddp = _one_and_two_ranks("sft", tmp_path)
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert ddp["ddp"] and len(ddp["losses"]) == 2
     # Same examples per step (4), loss normalised over the step's tokens on both ranks, gradients summed:
@@ -36,11 +41,7 @@ def test_two_ranks_learn_what_one_rank_learns(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_on_the_graph_path_learn_what_one_rank_learns(tmp_path):
     """FastDPOTrainer's graph path bypasses DDP: every step ends in its own averaged all-reduce of the adapter."""
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    _run([sys.executable, str(WORKER), "dpo", str(one), "4"], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), "dpo",
-          str(two), "2"], tmp_path)
-    single, ddp = json.loads(one.read_text()), json.loads(two.read_text())
+    single, ddp = _one_and_two_ranks("dpo", tmp_path)
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert (ddp["captured"], ddp["replays"]) == (single["captured"], single["replays"]) == (1, 2)
     assert not ddp["ddp"]  # a DDP wrapper would make every real capture fail
