@@ -36,7 +36,7 @@ again on the copied inputs: the inputs, outputs and gradients go through the sam
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,7 +51,6 @@ class GraphStats:
     eager: int = 0
     capture_seconds: float = 0.0
     failure: str | None = None
-    keys: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"graphs_captured": self.captured, "graph_replays": self.replayed, "eager_steps": self.eager,
@@ -161,14 +160,12 @@ class StepGraphs:
         else:
             self.recorded[key] = recorded
             self.stats.captured += 1
-            self.stats.keys.append(key)
         finally:
             self.stats.capture_seconds += time.perf_counter() - started
             for param, grad in zip(self.params, this_step):
                 param.grad = grad
 
     def _capture(self, buffers: dict, loss_fn: LossFn) -> _Recorded:
-        self._shared_grads()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's pin-memory thread may allocate pinned memory meanwhile, which
         # is harmless to this capture but would abort it in the default (global) mode.

@@ -50,7 +50,8 @@ from app.training.attention import packed_attention, uses_flash_varlen
 from app.training.data import Pair
 from app.training.lora import fused_lora
 from app.training.loss import dpo_sigmoid_loss
-from app.training.packing import IGNORE, Sequence, pack, pack_pairs
+from app.log import log as _log
+from app.training.packing import IGNORE, Sequence, pack, pack_padded, pack_pairs
 
 DEFAULT_CHUNK = 4096
 # CUDA graphs replay fixed shapes: padded rows are a multiple of this many tokens (~16 shapes, ~3% padding
@@ -369,28 +370,6 @@ class FastSFTTrainer(_LeanHost, SFTTrainer):
 # DPO
 
 
-def _collate_padded(sequences: list[Sequence], multiple: int, max_length: int | None) -> dict:
-    """One packed row padded to a multiple of `multiple` tokens, in a layout that only the shape varies in.
-
-    For CUDA graphs (`graphs.py`), which replay fixed shapes: a filler sequence (at least one
-    token, its own attention segment) fills the row, every position gets a log-prob (positions
-    without a target compute one for token 0 and add it to the filler's sum, which nothing reads:
-    ~2% more FLOPs at GSM8K lengths, but no second varying size), and `packed_max_seqlen` is a
-    bound (`max_length`) instead of the row's own maximum.
-    """
-    real = sum(len(s.ids) for s in sequences)
-    size = -(-(real + 1) // multiple) * multiple
-    filler = size - real
-    p = pack(sequences + [Sequence([0] * filler, [0] * filler)])
-    has_target = p.targets != IGNORE
-    max_seqlen = max(max_length, multiple) if max_length else -(-max(p.max_seqlen, filler) // multiple) * multiple
-    return {"input_ids": p.input_ids, "position_ids": p.position_ids, "packed_cu_seqlens": p.cu_seqlens,
-            "packed_max_seqlen": max_seqlen, "target_index": torch.arange(size),
-            "target_ids": torch.where(has_target, p.targets, 0),
-            "target_owner": torch.where(has_target, p.seq_index, len(sequences)),
-            "num_real_tokens": real, "num_sequences": len(sequences) + 1, "static_shape": True}
-
-
 class PairCollator:
     """TRL-prepared pairs ({prompt_ids, chosen_ids, rejected_ids, ref_*_logps}) -> one packed row.
 
@@ -413,7 +392,7 @@ class PairCollator:
             batch = shared
             batch["static_shape"] = self.pad_multiple is not None
         elif self.pad_multiple:
-            batch = _collate_padded(seqs, self.pad_multiple, self.max_length)
+            batch = pack_padded(seqs, self.pad_multiple, self.max_length)
         else:
             batch = _collate(seqs)
             # DPO normalises per pair, not per token: no `labels`, so the Trainer counts nothing.
@@ -434,7 +413,7 @@ def pair_sums(model, batch: dict, token_logps: bool = False):
     With `token_logps`, also the per-token log-probs and which sequence each belongs to.
     """
     index = batch["target_index"]
-    if "target_owner" in batch:  # `pack_pairs`, `_collate_padded`: per log-prob, its token and where it adds up
+    if "target_owner" in batch:  # `pack_pairs`, `pack_padded`: per log-prob, its token and where it adds up
         targets, owner = batch["target_ids"], batch["target_owner"]
     else:
         targets, owner = batch["targets"].index_select(0, index), batch["seq_index"].index_select(0, index)
@@ -447,19 +426,13 @@ def pair_sums(model, batch: dict, token_logps: bool = False):
 
 
 def graph_key(inputs: dict):
-    """What fixes every shape of a padded batch (`pack_pairs`, `_collate_padded`): its CUDA graph's key.
+    """What fixes every shape of a padded batch (`pack_pairs`, `pack_padded`): its CUDA graph's key.
 
     None for batches of their own shapes (not padded), which then run eagerly.
     """
     if not inputs.get("static_shape"):
         return None
     return tuple((k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, v) for k, v in sorted(inputs.items()))
-
-
-def _log(message: str) -> None:
-    from app.log import log
-
-    log(message)
 
 
 def log_graph_stats(stats) -> None:
