@@ -2,8 +2,8 @@
 
 On the CPU nothing is captured: "replaying" runs the step again on the recorded input buffers,
 so these tests check the bookkeeping the CUDA path shares (input buffers, outputs copied out,
-gradients through shared buffers, failure handling). The capture itself ran on the H200
-(docs/perf-results/graphs_ab.py).
+gradients through shared buffers, failure handling). The tests marked `cuda` capture for real
+and replay against the eager step; they run where a CUDA device is present.
 """
 
 import pytest
@@ -108,7 +108,7 @@ def test_capture_refuses_parameters_off_the_gpu():
         StepGraphs(list(_model().parameters()), capture=True)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @cuda
