@@ -3,7 +3,7 @@
     python images/lock.py gpu      # images/requirements-gpu.in -> requirements-gpu.lock (+ .deps.json)
     python images/lock.py cpu      # images/requirements-cpu.in -> requirements-cpu.lock (+ .deps.json)
 
-It runs `pip install --dry-run --report` for the image's platform (not this machine's),
+It runs `pip install --dry-run --report` for the image's platform (not the host's),
 so the resolver sees exactly the wheels the Docker build will download. pip evaluates
 environment markers (`python_version > "3.11"`) with the interpreter that runs it, not
 with --python-version, so the resolver runs under the image's Python minor version
@@ -72,7 +72,7 @@ def resolve(variant: str, report: Path, find_links: list[str]) -> dict:
         cmd += ["--extra-index-url", url]
     for link in find_links:
         cmd += ["--find-links", link]
-    # This machine's pip config adds local wheel folders and caps torch; the image must
+    # A developer's pip config may add local wheel folders or cap versions; the image must
     # not depend on either, so resolve against the public index only.
     env = {k: v for k, v in os.environ.items() if k in KEEP_ENV or not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull

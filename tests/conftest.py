@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny model and one small run of every phase, built once per session.
+"""Shared fixtures: one tiny model and one small run of every phase, built once per test session.
 
 Tests that need a model reuse `tiny_model_dir` (a 4-layer Llama warmed up for a few
 dozen steps, ~20 s here); phase tests read the artifacts of `small_run`, which runs

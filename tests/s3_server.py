@@ -30,7 +30,7 @@ CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOI
 
 @pytest.fixture(scope="session")
 def moto_endpoint():
-    """http://127.0.0.1:<port> of a moto S3 server running in this process for the whole session."""
+    """http://127.0.0.1:<port> of a moto S3 server running in this process for the whole test session."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
@@ -90,7 +90,7 @@ class S3Place:
 
 @pytest.fixture
 def s3(moto_endpoint, monkeypatch, tmp_path) -> S3Place:
-    """A fresh bucket on the session's server, the environment pointed at it, a private cache."""
+    """A fresh bucket on the test session's server, the environment pointed at it, a private cache."""
     point_at(monkeypatch.setenv, monkeypatch.delenv, moto_endpoint, tmp_path)
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
     return S3Place(moto_endpoint, new_bucket(moto_endpoint), raw_client(moto_endpoint))

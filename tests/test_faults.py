@@ -1,4 +1,4 @@
-"""Bad input, faults and preemption (issue 7): clear errors, the right exit codes, nothing lost.
+"""Bad input, faults and preemption: clear errors, the right exit codes, nothing lost.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_faults.py -q      # ~2-3 minutes on 2 CPU cores
 

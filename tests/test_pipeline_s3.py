@@ -6,7 +6,7 @@ One run, made the way an interrupted run is finished: `pipeline --to preferences
 (as if the job died after preferences), then `pipeline --from dpo`. Then a plain rerun
 must skip every phase, a `--force`d DPO must make the next plain run redo only eval, and
 a corrupted input must stop the next phase with exit code 3.
-The base model is the session's tiny model, published into the bucket as the `base`
+The base model is the suite's tiny model (tests/conftest.py), published into the bucket as the `base`
 artifact, so every phase reads and writes only S3, and the lineage reaches it.
 """
 

@@ -1,7 +1,7 @@
 """A small Kubernetes API server in this process, over HTTP, for testing scripts/chain.py.
 
-No real kube-apiserver can run here: none is packaged on PyPI, npm or Debian, and the
-envtest binaries and Go proxy are out of reach. So this is a fake, and honest about it:
+The suite runs without a kube-apiserver (none is packaged on PyPI, npm or Debian, and
+envtest needs its own binaries), so this is a fake, and says where it differs:
 
 - It speaks the real REST paths, JSON shapes, status codes and `Status` errors for the
   calls the chain script makes (Jobs: create/get/patch/delete; Pods: list; pods/log:

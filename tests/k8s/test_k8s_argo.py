@@ -2,10 +2,10 @@
 
     python -m pytest tests/k8s/test_k8s_argo.py -q
 
-No Argo controller runs here: the template is rendered by kubectl kustomize, each step's
+No Argo controller runs in the tests: the template is rendered by kubectl kustomize, each step's
 container is validated as a Kubernetes Pod (1.30 schema) and checked against the
 restricted profile, the phase commands are parsed by app.cli.parse, and the "check"
-step's Python script is executed here against a real local store.
+step's Python script is executed against a real local store.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ TARGETS = {  # images/lock.py TARGETS
     "gpu": {"python_version": "3.12", "python_full_version": "3.12.3"},
     "cpu": {"python_version": "3.11", "python_full_version": "3.11.13"},
 }
-# The training stack the tests on this machine run with must be the image's.
+# The training stack the test environment (.venv) runs with must be the image's.
 SHARED_WITH_DEV_VENV = ("transformers", "trl", "peft", "accelerate", "datasets", "boto3", "kubernetes")
 
 
