@@ -485,9 +485,9 @@ def check_sft(base, examples, config: Config, device, log) -> dict:
     """Loss and LoRA gradients on one batch: fast path vs the plain path (padding, full logits, PEFT)."""
     import torch
 
-    from app.training.loss import reference_token_loss
+    from app.training.loss import logprobs_from_logits, reference_token_loss
     from app.training.packing import pad
-    from app.training.trainers import PackingCollator, _fast, _packed_forward, logprobs_from_logits, unpack_batch
+    from app.training.trainers import PackingCollator, _fast, _packed_forward, unpack_batch
 
     model = lora_model(base, config, 0.0)  # dropout off: both paths must see the same function
     torch.manual_seed(config.seed + 7)

@@ -6,10 +6,13 @@ Small components, each tested on its own against the plain Hugging Face path:
     packing.py    many sequences in one row, with per-sequence positions and cu_seqlens
     attention.py  varlen attention for packed rows (no attention across sequences)
     lora.py       a fused LoRA linear: bf16 matmuls, fp32 adapter weights, saves only its input
-    loss.py       per-token log-probs straight from hidden states, in chunks (no full fp32 logits),
-                  the SFT token-mean loss and the DPO sigmoid loss
-    loop.py       our own SFT loop without the HF Trainer (one process or torchrun DDP), for the ablation
+    loss.py       per-token log-probs from the kept logits in fp32 chunks (no full fp32 logits),
+                  the DPO sigmoid loss, and the plain SFT loss the bench checks against
+    graphs.py     a DPO step's forward and backward captured and replayed as one CUDA graph
+    distributed.py  rank / world size, the adapter-gradient all-reduce of the graph path
+    trainers.py   TRL's SFTTrainer and DPOTrainer with these parts inside: what the phases run
     flops.py      FLOPs per token and MFU, for the bench's report
+    profiling.py  where a step's time goes, for the bench's --profile-steps
 
 What is learned is unchanged: the same examples per optimizer step, the same loss on them
 (within bf16 rounding), the same optimizer and schedule as the TRL path. Only the way the

@@ -1,13 +1,12 @@
-"""Data parallelism for the training loops: one process per GPU under torchrun, or just one.
+"""Ranks for data-parallel training: one process per GPU under torchrun, or just one.
 
-    torchrun --standalone --nproc_per_node=8 -m app sft ...
+    python -m app.launch --nproc-per-node 8 sft ...
 
-Every rank holds the whole model and the whole (tokenised) dataset, walks the same seeded
-order, takes its own slice of each optimizer step's examples, and after the backward sums the
-LoRA gradients across ranks with one all-reduce of one flat buffer (~170 MB for r=16 on a 7B
-model: about a millisecond on NVLink, against ~0.3 s of compute per step). No DDP wrapper: the
-base weights are frozen, so the adapter gradients are all there is to exchange, and the loss is
-already normalised by the global number of target tokens (or pairs), so a sum is exact.
+The HF Trainer runs DDP itself; these helpers are for what runs beside it: the DPO trainer's
+CUDA-graph path, which holds no DDP wrapper (DDP's accumulation nodes break a capture) and so
+broadcasts the adapter at the start and all-reduces its gradients in one flat buffer after
+each step (~170 MB for r=16 on a 7B model: about a millisecond on NVLink), the reference pass
+that splits pairs over the ranks, and the bench's process group and global rates.
 """
 
 from __future__ import annotations

@@ -48,15 +48,9 @@ class Packed:
     num_sequences: int
     num_tokens: int
 
-    def to(self, device, non_blocking: bool = True) -> "Packed":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Packed(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.seq_index),
-                      move(self.target_index), move(self.cu_seqlens), self.max_seqlen, self.num_sequences,
-                      self.num_tokens)
 
-
-def pack(sequences: list[Sequence], pin_memory: bool = False) -> Packed:
-    """Lay `sequences` end to end in one row. Built on the host; move with `.to(device)`."""
+def pack(sequences: list[Sequence]) -> Packed:
+    """Lay `sequences` end to end in one row, built on the host."""
     if not sequences:
         raise ValueError("pack() needs at least one sequence")
     ids, positions, targets, seq_index, cu = [], [], [], [], [0]
@@ -72,37 +66,14 @@ def pack(sequences: list[Sequence], pin_memory: bool = False) -> Packed:
                torch.tensor(targets, dtype=torch.long), torch.tensor(seq_index, dtype=torch.long),
                torch.tensor([i for i, t in enumerate(targets) if t != IGNORE], dtype=torch.long),
                torch.tensor(cu, dtype=torch.int32)]
-    if pin_memory:
-        tensors = [t.pin_memory() for t in tensors]
     return Packed(*tensors, max_seqlen=max(len(s.ids) for s in sequences), num_sequences=len(sequences),
                   num_tokens=cu[-1])
-
-
-def split_by_tokens(sequences: list[Sequence], max_tokens: int) -> list[list[Sequence]]:
-    """Split one optimizer step's sequences into micro-batches of at most `max_tokens` tokens each.
-
-    Order is kept (a sequence longer than `max_tokens` gets a micro-batch of its own). The
-    gradient of the step is the sum over micro-batches, so how the step is split changes
-    memory and speed, never the update.
-    """
-    groups: list[list[Sequence]] = []
-    current: list[Sequence] = []
-    used = 0
-    for seq in sequences:
-        if current and used + len(seq.ids) > max_tokens:
-            groups.append(current)
-            current, used = [], 0
-        current.append(seq)
-        used += len(seq.ids)
-    if current:
-        groups.append(current)
-    return groups
 
 
 def pad(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
     """The unoptimised layout, as TRL's collator builds it: right padding, labels -100 off the loss mask.
 
-    Used as the reference the packed path is checked against, and by the bench's 'plain' variant.
+    The reference the packed path is checked against (tests and the bench's loss check).
     """
     width = max(len(s.ids) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

@@ -45,15 +45,14 @@ from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from trl import DPOTrainer, SFTTrainer
 
+from app.log import log as _log
 from app.training import distributed
 from app.training.attention import packed_attention, uses_flash_varlen
 from app.training.data import Pair
 from app.training.lora import fused_lora
-from app.training.loss import dpo_sigmoid_loss
-from app.log import log as _log
+from app.training.loss import dpo_sigmoid_loss, logprobs_from_logits
 from app.training.packing import IGNORE, Sequence, pack, pack_padded, pack_pairs
 
-DEFAULT_CHUNK = 4096
 # CUDA graphs replay fixed shapes: padded rows are a multiple of this many tokens (~16 shapes, ~3% padding
 # for a GSM8K DPO run of 4 pairs per step).
 GRAPH_PAD_MULTIPLE = 128
@@ -61,38 +60,6 @@ GRAPH_PAD_MULTIPLE = 128
 _PLAIN_DISTRIBUTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
-
-
-class _LogProbsFromLogits(torch.autograd.Function):
-    """log_softmax(logits.float()) gathered at `targets`, in row chunks; backward written in logits' dtype."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, chunk: int):
-        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
-        for s in range(0, logits.shape[0], chunk):
-            z = logits[s:s + chunk].float()
-            lse[s:s + chunk] = z.logsumexp(-1)
-            out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.chunk):
-            # d logp_y / d z = onehot(y) - softmax(z)
-            p = (logits[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]).exp_()
-            p.scatter_add_(1, targets[s:s + ctx.chunk, None], torch.full_like(p[:, :1], -1.0))
-            grad[s:s + ctx.chunk] = p.mul_(-grad_out[s:s + ctx.chunk, None])
-        return grad, None, None
-
-
-def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """(M, V) logits (any float dtype), (M,) targets -> (M,) fp32 log-probs, never holding (M, V) in fp32."""
-    return _LogProbsFromLogits.apply(logits, targets, chunk)
 
 
 def _keep_host_ahead(args) -> None:
@@ -189,10 +156,26 @@ def _fast(model, compile: bool = False):
         stack.enter_context(packed_attention(model))
         stack.enter_context(fused_lora(model))
         if compile:
-            from app.training.loop import compiled_layers
-
             stack.enter_context(compiled_layers(model))
         yield
+
+
+@contextlib.contextmanager
+def compiled_layers(model):
+    """Compile each decoder layer (the norms, rotary, SwiGLU and LoRA glue fuse into few kernels).
+
+    Layers share code, so the compiled graph is reused across them; the first steps pay the
+    compilation (a minute or two for a 7B model).
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = list(getattr(lm, lm.base_model_prefix).layers)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
 
 
 def _default_compile() -> bool:

@@ -3,24 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from app.training.loss import dpo_sigmoid_loss, token_logprobs
-from app.training.trainers import logprobs_from_logits
-
-
-def test_token_logprobs_value_and_gradient_match_full_log_softmax():
-    torch.manual_seed(0)
-    hidden = torch.randn(37, 16, requires_grad=True)
-    weight = torch.randn(50, 16)
-    targets = torch.randint(0, 50, (37,))
-    upstream = torch.randn(37)
-    ours = token_logprobs(hidden, weight, targets, chunk=8)
-    (ours * upstream).sum().backward()
-    grad_ours = hidden.grad.clone()
-    hidden.grad = None
-    ref = (hidden @ weight.t()).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    (ref * upstream).sum().backward()
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_ours, hidden.grad, rtol=1e-4, atol=1e-5)
+from app.training.loss import dpo_sigmoid_loss, logprobs_from_logits
 
 
 def test_logprobs_from_logits_matches_cross_entropy_in_bf16():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from app.training.packing import IGNORE, Sequence, pack, pad, split_by_tokens
+from app.training.packing import IGNORE, Sequence, pack, pad
 
 
 def test_pack_restarts_positions_and_shifts_targets_inside_each_sequence():
@@ -17,13 +17,6 @@ def test_pack_restarts_positions_and_shifts_targets_inside_each_sequence():
     assert p.seq_index.tolist() == [0, 0, 0, 0, 1, 1, 1]
     assert (p.max_seqlen, p.num_sequences, p.num_tokens) == (4, 2, 7)
     assert a.num_targets + b.num_targets == len(p.target_index)
-
-
-def test_split_by_tokens_keeps_order_and_budget():
-    seqs = [Sequence([1] * n, [1] * n) for n in (5, 5, 5, 12, 3)]
-    groups = split_by_tokens(seqs, max_tokens=10)
-    assert [[len(s.ids) for s in g] for g in groups] == [[5, 5], [5], [12], [3]]
-    assert [s for g in groups for s in g] == seqs
 
 
 def test_pad_is_the_unshifted_trl_layout():
