@@ -243,6 +243,26 @@ def is_current(uri: str, identity: dict) -> bool:
     return True
 
 
+def refuse_other_config(uri: str, identity: dict) -> None:
+    """Raise ConfigError when `uri` is published with another config: `publish` would refuse to
+    replace it, so a phase checks this before it loads a model or any data (--force skips it)."""
+    backend, prefix = open_store(uri)
+    raw = backend.read_bytes(_keyer(prefix)(MANIFEST))
+    if raw is None:
+        return
+    try:
+        previous = json.loads(raw)
+    except json.JSONDecodeError:
+        previous = None  # a damaged manifest counts as published, as in `publish`
+    if not (isinstance(previous, dict) and previous.get("config_hash") == config_hash(identity)):
+        raise ConfigError(_other_config(uri))
+
+
+def _other_config(uri: str) -> str:
+    return (f"{uri} is already published with a different config; "
+            "rerun with --force to replace it, or use another --run-id")
+
+
 def publish(local_dir: Path, uri: str, *, phase: str, config: dict, identity: dict | None = None,
             inputs: dict | None = None, metrics: dict | None = None, timings: dict | None = None,
             overwrite: bool = False) -> dict:
@@ -278,8 +298,7 @@ def publish(local_dir: Path, uri: str, *, phase: str, config: dict, identity: di
         if not (overwrite or stale):
             if same_config:
                 raise StorageError(f"{uri}: another writer published this artifact (same config) first")
-            raise ConfigError(f"{uri} is already published with a different config; "
-                              "rerun with --force to replace it, or use another --run-id")
+            raise ConfigError(_other_config(uri))
         backend.delete(key(MANIFEST))
 
     attempt = f"{ATTEMPT_PREFIX}{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"

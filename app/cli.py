@@ -19,10 +19,10 @@ import errno
 import importlib
 import os
 import sys
-import types
 import typing
 from typing import Any
 
+from app.config import unwrap_optional as _unwrap_optional
 from app.errors import EXIT_CONFIG, EXIT_RETRYABLE, ConfigError, PipelineError
 
 ENV_PREFIX = "PIPELINE_"
@@ -41,14 +41,6 @@ COMMANDS: dict[str, str] = {
 
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
 
 
 def _converter(tp: Any):

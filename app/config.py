@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 
 from app.errors import ConfigError
 
-RUN_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# As a Kubernetes label value (and a safe object key): letters, digits, '.', '_', '-', at most 63,
+# starting and ending with a letter or digit. `fullmatch`, so a trailing newline is refused too.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+RUN_ID_RULE = "letters, digits, '.', '_' and '-', at most 63 characters, starting and ending with a letter or digit"
 
 
-def option(default, help: str, aliases: tuple[str, ...] = (), **kwargs):
-    """A config field with its `--help` text (and extra flag spellings); lists get a factory."""
-    metadata = {"help": help, "aliases": aliases}
+def option(default, help: str, aliases: tuple[str, ...] = (), location: bool = False, **kwargs):
+    """A config field with its `--help` text (and extra flag spellings); lists get a factory.
+
+    `location`: the value may be a local path (a store, a data file, a model directory), which
+    the config's identity compares resolved, so `runs` and `./runs` are the same run."""
+    metadata = {"help": help, "aliases": aliases, "location": location}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -21,18 +30,18 @@ def option(default, help: str, aliases: tuple[str, ...] = (), **kwargs):
 
 @dataclass
 class RunConfig:
-    store: str = option("runs", "artifact store root: a local directory or s3://bucket/prefix")
+    store: str = option("runs", "artifact store root: a local directory or s3://bucket/prefix", location=True)
     run_id: str = option("demo", "run id; artifacts live under <store>/runs/<run-id>/<phase>/ "
                          "(lowercase letters, digits and '-', as in a Kubernetes label)")
     preset: str = option("tiny", "bundle of defaults: 'tiny' (embedded CPU demo) or 'abel-7b' (the reference case)")
     base_model: str = option("tiny", "base model: a hub id (GAIR/Abel-7B-002), a local directory, "
-                             "an s3:// artifact, or 'tiny' for the locally built demo model")
+                             "an s3:// artifact, or 'tiny' for the locally built demo model", location=True)
     seed: int = option(0, "random seed for data order, sampling and initialisation")
     force: bool = option(False, "redo the phase even if its artifact is already published with the same config")
 
     def validate(self) -> None:
-        if not RUN_ID_PATTERN.match(self.run_id):
-            raise ConfigError(f"--run-id {self.run_id!r}: use lowercase letters, digits and '-', at most 63 characters")
+        if not RUN_ID_PATTERN.fullmatch(self.run_id):
+            raise ConfigError(f"--run-id {self.run_id!r}: use {RUN_ID_RULE}")
         if not self.store:
             raise ConfigError("--store must not be empty")
 
@@ -40,10 +49,39 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict:
-        """The fields that decide the phase's output; `force` is an instruction, not an input."""
-        values = self.to_dict()
-        values.pop("force", None)
+        """The values that decide the phase's output, as the run uses them: numbers by their field's
+        type (3 and 3.0 epochs are one config), local paths resolved (`runs` is `./runs`). Where the
+        output goes (`store`, `run_id`) and `force` (an instruction) are not part of it."""
+        hints = typing.get_type_hints(type(self))
+        values = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("store", "run_id", "force"):
+                continue
+            value = getattr(self, f.name)
+            if unwrap_optional(hints[f.name]) is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if f.metadata.get("location") and isinstance(value, str):
+                value = resolve_location(value)
+            values[f.name] = value
         return values
+
+
+def resolve_location(value: str) -> str:
+    """A local path made absolute; URIs (s3://, hf:), generated data (synthetic:N), 'tiny' and hub ids
+    (org/name, when no such local path exists) are returned as they are."""
+    if "://" in value or value.startswith(("hf:", "synthetic")) or value == "tiny":
+        return value.rstrip("/") if value.startswith("s3://") else value
+    if value.startswith(("/", "./", "../", "~")) or value in (".", "..") or os.path.exists(value):
+        return os.path.normpath(os.path.abspath(os.path.expanduser(value)))
+    return value
+
+
+def unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
 
 
 def require(condition: bool, message: str) -> None:

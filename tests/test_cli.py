@@ -39,7 +39,10 @@ def test_shard_index_defaults_to_job_completion_index(monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["sft", "--sft-epochs", "0"], "--sft-epochs"),
-    (["sft", "--run-id", "Bad_ID"], "--run-id"),
+    (["sft", "--run-id", "bad/id"], "--run-id"),
+    (["sft", "--run-id", "abc\n"], "--run-id"),
+    (["sft", "--run-id", "abc."], "--run-id"),
+    (["sft", "--run-id", "a" * 64], "--run-id"),
     (["sft", "--preset", "huge"], "unknown preset"),
     (["rollouts", "--variants", "direct,sideways"], "unknown"),
     (["rollouts", "--num-shards", "2", "--shard-index", "2"], "--shard-index"),

@@ -603,3 +603,39 @@ def test_corrupt_input_artifact_is_exit_3_and_an_unreachable_store_is_exit_1(tmp
     assert cli_main(["preferences", "--store", "s3://bucket/x", "--run-id", "c"]) == EXIT_RETRYABLE
     assert "cannot reach the S3 endpoint" in one_error_line(capsys)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Config identity: the values a run uses, checked before any model or data loads
+
+
+def test_an_equal_config_is_not_retrained_and_another_is_refused_before_anything_loads(tmp_path, tiny_base,
+                                                                                       monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", synthetic_problems(16, seed=3))
+    flags = ["--run-id", "same", "--base-model", str(tiny_base), "--sft-batch-size", "16", "--save-steps", "0"]
+    # The tiny preset's sft_epochs is the int 3; the flags below give the float 3.0.
+    assert cli_main(["sft", "--store", "runs", "--train-data", "train.jsonl", *flags]) == 0
+    uri = artifacts.phase_uri("runs", "same", "sft")
+    published = artifacts.read_manifest(uri)
+    capsys.readouterr()
+
+    for same in (["--store", "./runs", "--train-data", "train.jsonl", "--sft-epochs", "3"],
+                 ["--store", str(tmp_path / "runs"), "--train-data", "./train.jsonl", "--sft-epochs", "3.0"],
+                 ["--store", "runs/", "--train-data", str(tmp_path / "train.jsonl")]):
+        assert cli_main(["sft", *same, *flags]) == 0, same
+        out = capsys.readouterr().out
+        assert "already published with this config; nothing to do" in out and "training:" not in out, same
+    assert artifacts.read_manifest(uri) == published
+
+    # Another config cannot publish over the artifact: refused before the data or the model loads,
+    # nothing trained, no checkpoint left inside the published phase.
+    changed = ["sft", "--store", "runs", "--train-data", "train.jsonl", "--sft-epochs", "2", *flags,
+               "--save-steps", "1"]
+    assert cli_main(changed) == EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert "already published with a different config" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "data:" not in captured.out and "base model:" not in captured.out
+    assert not (tmp_path / "runs" / "runs" / "same" / "sft" / "checkpoints").exists()
+    assert artifacts.read_manifest(uri) == published

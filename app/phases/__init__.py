@@ -12,7 +12,10 @@ def begin(name: str, out_uri: str, config, detail: str = "") -> dict | None:
     banner(f"{name}  run={config.run_id}" + (f"  {detail}" if detail else ""))
     log_config(config)
     artifacts.check_store(config.store)
-    if config.force or not artifacts.is_current(out_uri, config.identity()):
+    if config.force:
+        return None
+    artifacts.refuse_other_config(out_uri, config.identity())  # before any model or data loads
+    if not artifacts.is_current(out_uri, config.identity()):
         return None
     log(f"{name}: {out_uri} is already published with this config; nothing to do (--force to redo)")
     return artifacts.read_manifest(out_uri)

@@ -33,7 +33,8 @@ MODEL_ORDER = ("base", "sft", "dpo")
 
 @dataclass
 class Config(RunConfig):
-    eval_data: str = option("synthetic-test:200", "test problems: hf:openai/gsm8k (test split), synthetic-test:N, JSONL")
+    eval_data: str = option("synthetic-test:200", "test problems: hf:openai/gsm8k (test split), synthetic-test:N, JSONL",
+                            location=True)
     platinum: bool = option(False, "also evaluate on GSM8K-Platinum (hf:madrylab/gsm8k-platinum)")
     models: list[str] = option(list(MODEL_ORDER), "which models to evaluate: base, sft, dpo (comma-separated)")
     eval_limit: int = option(0, "evaluate only the first N questions of each dataset (0 = all)")

@@ -42,7 +42,8 @@ from app.shards import default_shard_index, output_uri, shard_slice
 
 @dataclass
 class Config(RunConfig):
-    rollout_data: str = option("synthetic:160", "questions to roll out: hf:openai/gsm8k (train), synthetic:N, or JSONL")
+    rollout_data: str = option("synthetic:160", "questions to roll out: hf:openai/gsm8k (train), synthetic:N, or JSONL",
+                               location=True)
     rollout_limit: int = option(0, "use only the first N questions (0 = all)")
     prompt_format: str = option("abel", "prompt format: abel, plain or chat")
     variants: list[str] = option(["direct", "reflective", "deliberative"], "prompt variants, comma-separated")

@@ -37,7 +37,8 @@ from app.phases import begin
 
 @dataclass
 class Config(RunConfig):
-    train_data: str = option("synthetic:1200", "training problems: hf:openai/gsm8k, synthetic:N, or a JSONL path/URI")
+    train_data: str = option("synthetic:1200", "training problems: hf:openai/gsm8k, synthetic:N, or a JSONL path/URI",
+                             location=True)
     train_limit: int = option(0, "use only the first N training problems (0 = all)")
     prompt_format: str = option("abel", "prompt format: abel, plain or chat")
     sft_epochs: float = option(2.0, "training epochs")
