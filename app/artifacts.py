@@ -27,13 +27,13 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Protocol
 
 from app.errors import ConfigError, InputError, PipelineError, StorageError
+from app.log import redact_values, warn
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2  # 2: files live under the manifest's "data_dir" (1: next to the manifest)
@@ -320,9 +320,9 @@ def publish(local_dir: Path, uri: str, *, phase: str, config: dict, identity: di
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "code_version": code_version(),
             "writer": {"host": socket.gethostname(), "pid": os.getpid()},
-            "config": config,
+            "config": redact_values(config),
             "config_hash": this_hash,
-            "inputs": inputs or {},
+            "inputs": redact_values(inputs or {}),
             "metrics": metrics or {},
             "timings": {**(timings or {}), "publish_s": round(time.monotonic() - started, 3)},
             "data_dir": attempt,
@@ -364,8 +364,7 @@ def _discard(backend: Backend, keys: list[str]) -> None:
         try:
             backend.delete(name)
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the error being raised
-            print(f"warning: could not delete {name} ({exc}); it is unreferenced and safe to remove",
-                  file=sys.stderr, flush=True)
+            warn(f"warning: could not delete {name} ({exc}); it is unreferenced and safe to remove")
             return
 
 

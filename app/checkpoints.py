@@ -34,12 +34,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Callable
 
 from app import artifacts
 from app.errors import InputError, PipelineError, StorageError
+from app.log import warn
 
 POINTER = "latest.json"
 META = "checkpoint.json"  # written into every checkpoint: step, config hash, data position
@@ -54,7 +54,7 @@ def checkpoint_uri(phase_uri: str, step: int) -> str:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    warn(message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 from app.config import unwrap_optional as _unwrap_optional
 from app.errors import EXIT_CONFIG, EXIT_RETRYABLE, ConfigError, PipelineError
+from app.log import warn
 
 ENV_PREFIX = "PIPELINE_"
 
@@ -190,7 +191,7 @@ def _run(argv: list[str]) -> int:
         load_command(command).main(config)
         return 0
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        warn(f"error: {exc}")
         _record_exit_code(exc.exit_code)
         return exc.exit_code
     except SystemExit as exc:
@@ -204,7 +205,7 @@ def _run(argv: list[str]) -> int:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # Nothing was published (a manifest is written last); a new pod may have room: retry.
-        print(f"error: disk full: {exc}", file=sys.stderr, flush=True)
+        warn(f"error: disk full: {exc}")
         return EXIT_RETRYABLE
 
 

@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
 _STARTED = time.time()
+# The user:password@ of a URI (http://user:SECRET@minio:9000): never printed, logged or saved.
+_USERINFO = re.compile(r"(?<=://)[^/\s@'\"]+@")
+
+
+def redact(text) -> str:
+    """`text` with the credentials of every URI in it replaced by ***: http://***@host/..."""
+    return _USERINFO.sub("***@", str(text))
+
+
+def redact_values(value):
+    """`redact` applied to every string inside a JSON-like value (a config saved in a manifest)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(v) for v in value]
+    return value
+
+
+def warn(message: str) -> None:
+    """A line on stderr (warnings and errors), credentials redacted; every rank prints it."""
+    print(redact(message), file=sys.stderr, flush=True)
 
 
 def is_main_process() -> bool:
@@ -18,7 +42,7 @@ def log(message: str) -> None:
     if not is_main_process():
         return
     stamp = time.strftime("%H:%M:%S")
-    print(f"[{stamp} +{time.time() - _STARTED:6.0f}s] {message}", file=sys.stdout, flush=True)
+    print(f"[{stamp} +{time.time() - _STARTED:6.0f}s] {redact(message)}", file=sys.stdout, flush=True)
 
 
 def banner(title: str) -> None:

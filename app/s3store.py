@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from app.errors import ConfigError, InputError, PipelineError, StorageError
+from app.log import warn
 
 MIB = 1 << 20
 FILE_ATTEMPTS = 3  # whole-file transfers, each made of botocore requests with their own retries
@@ -238,8 +239,7 @@ class S3Backend:
                 if type(error) is not StorageError or attempt == FILE_ATTEMPTS:
                     raise error from exc
                 delay = FILE_RETRY_DELAY_S * 2 ** (attempt - 1)
-                print(f"warning: {error} -- retrying in {delay:.0f} s (attempt {attempt + 1}/{FILE_ATTEMPTS})",
-                      file=sys.stderr, flush=True)
+                warn(f"warning: {error} -- retrying in {delay:.0f} s (attempt {attempt + 1}/{FILE_ATTEMPTS})")
                 time.sleep(delay)
 
     # -- Backend protocol ------------------------------------------------------------------------
@@ -333,8 +333,8 @@ class S3Backend:
                 if code != "NotImplemented" and status != 501:
                     raise self.translate(exc, "write", key) from None
                 self.conditional_writes = False
-                print(f"warning: {self.endpoint} does not support conditional writes (If-None-Match); "
-                      "falling back to check-then-write with a read-back check", file=sys.stderr, flush=True)
+                warn(f"warning: {self.endpoint} does not support conditional writes (If-None-Match); "
+                      "falling back to check-then-write with a read-back check")
         if if_absent:
             # Fallback: narrows, does not close, the race; publish() reads the manifest back to
             # notice when a concurrent writer overwrote ours.

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app.artifacts import MANIFEST, join, phase_uri, read_manifest  # noqa: E402
+from app.log import redact  # noqa: E402
 
 PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
 PHASE_LABEL = "gsm8k.dev/phase"
@@ -71,7 +74,7 @@ class ChainError(Exception):
 
 
 def say(message: str) -> None:
-    print(f"[chain] {message}", file=sys.stderr, flush=True)
+    print(f"[chain] {redact(message)}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +116,13 @@ def pipeline_config(docs: list[dict]) -> dict[str, str]:
 
 
 def job_name(run_id: str, phase: str) -> str:
-    name = f"{run_id}-{phase}"
+    """`<run-id>-<phase>`, as a DNS-1123 label (an Indexed Job's pods take their hostnames from it):
+    lowercase, '.' and '_' become '-'; a run id that had to change gets a short hash of itself
+    appended, so `Exp.1` and `exp-1` never share Jobs. The run label keeps the run id as it is."""
+    slug = re.sub(r"[^a-z0-9-]", "-", run_id.lower())
+    if slug != run_id:
+        slug += "-" + hashlib.sha256(run_id.encode()).hexdigest()[:6]
+    name = f"{slug}-{phase}"
     if len(name) > 63:  # a Job's name is also a label value on its pods
         raise ChainError(f"Job name {name!r} is longer than 63 characters; use a shorter --run-id")
     return name
@@ -468,7 +477,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--overlay", help="overlay name under k8s/overlays/ (h100, local, local-gpu) or a directory")
     source.add_argument("--rendered", help="a file with the overlay already rendered (kubectl kustomize > FILE)")
-    parser.add_argument("--run-id", required=True, help="the run's id: lowercase letters, digits and '-'")
+    parser.add_argument("--run-id", required=True, help="the run's id, a Kubernetes label value: letters, digits, "
+                        "'.', '_' and '-', at most 63 characters (Job names are its lowercase form)")
     parser.add_argument("--from", dest="start", choices=PHASES, default=PHASES[0], help="first phase to run")
     parser.add_argument("--to", dest="stop", choices=PHASES, default=PHASES[-1], help="last phase to run")
     parser.add_argument("--only", choices=PHASES, help="run just this phase (= --from P --to P)")
@@ -490,10 +500,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.only:
         args.start = args.stop = args.only
-    from app.config import RUN_ID_PATTERN
+    from app.config import RUN_ID_PATTERN, RUN_ID_RULE
 
-    if not RUN_ID_PATTERN.match(args.run_id):
-        parser.error(f"--run-id {args.run_id!r}: use lowercase letters, digits and '-'")
+    if not RUN_ID_PATTERN.fullmatch(args.run_id):
+        parser.error(f"--run-id {args.run_id!r}: use {RUN_ID_RULE}")
     return args
 
 

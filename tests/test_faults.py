@@ -361,9 +361,13 @@ NO_MODEL = "/nonexistent/base-model"
 
 
 def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1, err
-    return err[0]
+    return one_error_line_of(capsys.readouterr().err)
+
+
+def one_error_line_of(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -639,3 +643,38 @@ def test_an_equal_config_is_not_retrained_and_another_is_refused_before_anything
     assert "data:" not in captured.out and "base model:" not in captured.out
     assert not (tmp_path / "runs" / "runs" / "same" / "sft" / "checkpoints").exists()
     assert artifacts.read_manifest(uri) == published
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials in URIs are never printed, logged or saved
+
+
+def test_credentials_in_an_endpoint_url_are_never_printed(tmp_path, capsys, monkeypatch):
+    from tests.s3_server import free_port, point_at
+
+    point_at(monkeypatch.setenv, monkeypatch.delenv, f"http://admin:SECRET@127.0.0.1:{free_port()}", tmp_path)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert cli_main(["preferences", "--store", "s3://bucket/x", "--run-id", "c"]) == EXIT_RETRYABLE
+    captured = capsys.readouterr()
+    assert "SECRET" not in captured.out + captured.err
+    assert "cannot reach the S3 endpoint http://***@127.0.0.1:" in one_error_line_of(captured.err)
+
+
+def test_credentials_in_a_config_value_are_not_saved_in_the_manifest_or_the_log(tmp_path, capsys):
+    from app.log import log, log_config
+    from app.phases.preferences import Config
+
+    config = Config(store=str(tmp_path / "store"), base_model="https://user:SECRET@models.example.com/abel")
+    log_config(config)
+    work = tmp_path / "out"
+    work.mkdir()
+    (work / "x.txt").write_text("x")
+    uri = artifacts.phase_uri(config.store, "r", "preferences")
+    manifest = artifacts.publish(work, uri, phase="preferences", config=config.to_dict(), identity=config.identity(),
+                                 inputs={"base": {"uri": "s3://bucket/base", "endpoint": "http://k:SECRET@h"}})
+    log(f"published {manifest['config']['base_model']}")
+    stored = (tmp_path / "store" / "runs" / "r" / "preferences" / "manifest.json").read_text()
+    assert "SECRET" not in stored and "https://***@models.example.com/abel" in stored
+    assert artifacts.manifest_digest(artifacts.read_manifest(uri)) == artifacts.manifest_digest(manifest)
+    out = capsys.readouterr().out
+    assert "SECRET" not in out and "***@models.example.com" in out

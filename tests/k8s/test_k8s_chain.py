@@ -455,3 +455,25 @@ def test_a_missing_permission_is_reported_not_a_traceback(kube, rendered, role_r
 def test_run_ids_that_make_too_long_job_names_are_refused(rendered, tmp_path, capsys):
     assert run_chain(None, rendered, tmp_path, "--run-id", "r" * 60, "--dry-run", "--no-skip") == 2
     assert "longer than 63 characters" in capsys.readouterr().err
+
+
+def test_run_ids_with_capitals_dots_and_underscores_get_valid_distinct_job_names(kube, rendered, tmp_path, capsys):
+    import re
+
+    fake = kube()
+    assert run_chain(fake, rendered, tmp_path, "--run-id", "Exp.1_a", "--only", "sft") == 0
+    assert run_chain(fake, rendered, tmp_path, "--run-id", "exp-1-a", "--only", "sft") == 0
+    first, second = created(fake)
+    assert first != second and second == "exp-1-a-sft"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", first) and len(first) <= 63
+    job = fake.jobs[first]
+    assert job["metadata"]["labels"]["gsm8k.dev/run"] == "Exp.1_a"  # the label (and PIPELINE_RUN_ID) as given
+    assert job["spec"]["template"]["metadata"]["labels"]["gsm8k.dev/run"] == "Exp.1_a"
+
+
+@pytest.mark.parametrize("run_id", ["abc\n", "a/b", "abc.", "a" * 64])
+def test_run_ids_that_are_not_label_values_are_refused_in_one_line(rendered, tmp_path, capsys, run_id):
+    with pytest.raises(SystemExit) as stopped:
+        run_chain(None, rendered, tmp_path, "--run-id", run_id, "--dry-run", "--no-skip")
+    assert stopped.value.code == 2
+    assert "--run-id" in capsys.readouterr().err
