@@ -111,6 +111,13 @@ def test_eval_side_by_side(small_run):
         assert results[model]["correct"] == sum(r["correct"] for r in rows)
     report = (path / "report.md").read_text()
     assert "| base |" in report and "| dpo |" in report and " -> " in report
+    paired = json.loads((path / "summary.json").read_text())["paired"]["synthetic-test"]
+    assert list(paired) == ["base->sft", "sft->dpo", "base->dpo"]
+    for name, c in paired.items():
+        before, after = (results[m]["correct"] for m in name.split("->"))
+        assert c["fixed"] - c["broken"] == after - before and c["n"] == 24
+        assert c["ci95"][0] <= c["difference"] <= c["ci95"][1] and 0 < c["mcnemar_p"] <= 1
+    assert "| sft -> dpo |" in report
 
 
 def test_rerun_with_same_config_is_a_noop(small_run, tiny_model_dir):

@@ -10,8 +10,15 @@ are comparable across models and runs. `--platinum` adds GSM8K-Platinum
 
 Output `<store>/runs/<run-id>/eval/`:
     <dataset>/<model>.jsonl   per question: id, question, gold, prediction, answer, correct, ...
-    summary.json              accuracy with a 95% Wilson interval per dataset and model
+    summary.json              accuracy with a 95% Wilson interval per dataset and model, and
+                              paired comparisons (see below)
     report.md                 the Base -> SFT -> DPO table, with which questions flipped
+
+Two models answered the same questions, so their difference is judged paired, question by
+question, not by whether two independent intervals overlap: for base -> sft, sft -> dpo and
+base -> dpo, `summary.json["paired"][dataset]["base->sft"]` holds the accuracy difference, a
+95% paired-bootstrap interval (10,000 resamples of the questions, seed 0), the questions
+fixed and broken, and the exact two-sided McNemar p-value (a binomial test on the flips).
 """
 
 from __future__ import annotations
@@ -181,6 +188,58 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact_p(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar test: under "no difference" each flipped question is a fair coin,
+    so p = P(a Binomial(fixed + broken, 1/2) is at least as lopsided as what was seen)."""
+    flips = fixed + broken
+    if flips == 0:
+        return 1.0
+    tail = sum(math.comb(flips, k) for k in range(min(fixed, broken) + 1))
+    return min(1.0, 2 * tail / 2 ** flips)  # exact integers; Python divides big ints correctly
+
+
+def paired_bootstrap_interval(fixed: int, broken: int, total: int, resamples: int = 10_000, seed: int = 0,
+                              level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the accuracy difference, resampling questions with replacement.
+
+    A question contributes +1 (fixed), -1 (broken) or 0, so a resample of `total` questions is
+    a multinomial draw of the three counts: the same distribution as drawing indices, at no cost."""
+    import numpy as np
+
+    if total == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(total, [fixed / total, broken / total, (total - fixed - broken) / total], size=resamples)
+    differences = (counts[:, 0] - counts[:, 1]) / total
+    tail = (1 - level) / 2
+    return float(np.quantile(differences, tail)), float(np.quantile(differences, 1 - tail))
+
+
+def paired_comparison(before: list[dict], after: list[dict], seed: int = 0) -> dict:
+    """How `after` differs from `before` on the same questions (rows matched by position, ids checked)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired comparison needs the same questions: {len(before)} vs {len(after)} rows")
+    for b, a in zip(before, after):
+        if b.get("id") != a.get("id"):
+            raise ValueError(f"paired comparison needs the same questions in the same order: {b.get('id')} vs {a.get('id')}")
+    fixed, broken = _flips(before, after)
+    total = len(before)
+    low, high = paired_bootstrap_interval(fixed, broken, total, seed=seed)
+    return {"n": total, "difference": round((fixed - broken) / max(1, total), 4), "ci95": [round(low, 4), round(high, 4)],
+            "fixed": fixed, "broken": broken, "mcnemar_p": round(mcnemar_exact_p(fixed, broken), 6),
+            "method": f"paired bootstrap (10000 resamples, seed {seed}); exact McNemar"}
+
+
+def comparisons(models: list[str]) -> list[tuple[str, str]]:
+    """Each model against the one before it, then the first against the last (and the second, if
+    that adds a pair): base -> sft, sft -> dpo, base -> dpo."""
+    pairs = list(zip(models, models[1:]))
+    for before in models[:2]:
+        if len(models) > 2 and (before, models[-1]) not in pairs:
+            pairs.append((before, models[-1]))
+    return pairs
+
+
 def summarize(records: dict) -> dict:
     results: dict[str, dict] = {}
     for (dataset, model), rows in records.items():
@@ -189,7 +248,13 @@ def summarize(records: dict) -> dict:
         results.setdefault(dataset, {})[model] = {
             "accuracy": round(correct / max(1, len(rows)), 4), "correct": correct, "total": len(rows),
             "ci95": [round(low, 4), round(high, 4)], "truncated": sum(r["truncated"] for r in rows)}
-    return {"results": results}
+    paired: dict[str, dict] = {}
+    for dataset, by_model in results.items():
+        models = [m for m in MODEL_ORDER if m in by_model]
+        paired[dataset] = {f"{b}->{a}": {"before": b, "after": a,
+                                         **paired_comparison(records[(dataset, b)], records[(dataset, a)])}
+                           for b, a in comparisons(models)}
+    return {"results": results, "paired": paired}
 
 
 def _flips(before: list[dict], after: list[dict]) -> tuple[int, int]:
@@ -219,4 +284,17 @@ def render_report(summary: dict, records: dict, run_id: str) -> str:
         lines.append(" -> ".join(f"{m.upper() if m != 'base' else 'Base'} {by_model[m]['accuracy']:.1%}"
                                  for m in models))
         lines.append("")
+        paired = summary.get("paired", {}).get(dataset, {})
+        if paired:
+            lines += ["Paired, on the same questions (95% interval: paired bootstrap; p: exact McNemar):", "",
+                      "| comparison | difference | paired 95% CI | fixed | broken | McNemar p |", "|---|---|---|---|---|---|"]
+            for name, c in paired.items():
+                lines.append(f"| {c['before']} -> {c['after']} | {c['difference'] * 100:+.1f} pts | "
+                             f"{c['ci95'][0] * 100:+.1f} to {c['ci95'][1] * 100:+.1f} pts | {c['fixed']} | "
+                             f"{c['broken']} | {_p_value(c['mcnemar_p'])} |")
+            lines.append("")
     return "\n".join(lines)
+
+
+def _p_value(p: float) -> str:
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
