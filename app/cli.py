@@ -136,7 +136,7 @@ def build_config(config_cls: type, argv: list[str], prog: str = "app", environ: 
     if preset_name is not None:
         from app.presets import preset_values
 
-        for name, value in preset_values(preset_name).items():
+        for name, value in preset_values(preset_name, values.get("dpo_recipe")).items():
             if name in names and name not in values:
                 values[name] = value
 

@@ -12,7 +12,8 @@ must be ln 2 = 0.6931 and every reward margin 0; `main` checks this on the logge
 first step and fails loudly if it is not so (a wrong reference would show here first).
 
 Reference-case defaults (`--preset abel-7b`): per-device batch 2, grad accum 2,
-lr 5e-6, beta 0.1, bf16, 1 epoch. Output `<store>/runs/<run-id>/dpo/`: the adapter
+lr 5e-6, beta 0.1, bf16, 1 epoch, and an NLL term of weight 1 on the chosen answer
+(`--dpo-recipe rpo`, Pang et al. 2024); `--dpo-recipe reference` is plain DPO. Output `<store>/runs/<run-id>/dpo/`: the adapter
 (only the trained `default` adapter, not the frozen copy), tokenizer, metrics.json.
 Every `--save-steps` steps a checkpoint goes to `<store>/runs/<run-id>/dpo/checkpoints/`;
 a restarted Job resumes from the newest one of the same config (docs/RELIABILITY.md).
@@ -43,7 +44,10 @@ class Config(RunConfig):
     dpo_beta: float = option(0.1, "DPO beta: how far the policy may move from the reference")
     dpo_sft_weight: float = option(0.0, "weight of an NLL loss on the chosen answer added to the DPO loss "
                                    "(RPO, Pang et al. 2024: keeps DPO from lowering the likelihood of correct "
-                                   "solutions; 0 = pure DPO)")
+                                   "solutions; TRL's former rpo_alpha; 0 = pure DPO)", aliases=("--dpo-rpo-alpha",))
+    dpo_recipe: str = option("", "a bundle of DPO settings over the preset's: 'rpo' (DPO + NLL weight 1 on the "
+                             "chosen answer) or 'reference' (plain DPO, lr 5e-6, batch 2 x 2 per GPU, beta 0.1); "
+                             "flags still win; '' = the preset's settings as they are")
     max_seq_length: int = option(1024, "longest prompt+completion in tokens")
     bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
     pair_types: list[str] = option(["correctness", "quality"], "which pair types to train on, comma-separated")
@@ -57,6 +61,9 @@ class Config(RunConfig):
         require(self.dpo_batch_size >= 1 and self.dpo_grad_accum >= 1, "--dpo-batch-size and --dpo-grad-accum must be >= 1")
         require(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
         require(self.dpo_sft_weight >= 0, f"--dpo-sft-weight must be >= 0, got {self.dpo_sft_weight}")
+        from app.presets import DPO_RECIPES
+
+        require(self.dpo_recipe in ("", *DPO_RECIPES), f"--dpo-recipe {self.dpo_recipe!r}: use {' or '.join(DPO_RECIPES)}")
         require(self.max_seq_length >= 16, "--max-seq-length must be >= 16")
         bad = [t for t in self.pair_types if t not in ("correctness", "quality")]
         require(not bad and bool(self.pair_types), f"--pair-types {self.pair_types}: use correctness and/or quality")

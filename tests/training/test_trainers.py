@@ -167,8 +167,10 @@ def _dpo_log(cls, base, tokenizer, rows, steps: int = 2, trainer_kwargs=None, **
     return log
 
 
-@pytest.mark.parametrize("extra", [{}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}],
-                         ids=["sigmoid", "sigmoid+sft"])
+# sigmoid + sft at weight 1 is Iterative RPO's DPO + NLL (`--dpo-recipe rpo`; TRL's former rpo_alpha=1).
+@pytest.mark.parametrize("extra", [{}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+                                   {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}],
+                         ids=["sigmoid", "sigmoid+sft", "rpo-alpha-1"])
 def test_fast_dpo_trainer_learns_what_trl_learns(tiny, rows, extra):
     from trl import DPOTrainer
 
