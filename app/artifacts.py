@@ -38,7 +38,6 @@ from app.log import redact_values, warn
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2  # 2: files live under the manifest's "data_dir" (1: next to the manifest)
 ATTEMPT_PREFIX = "attempt-"
-PHASES = ("base", "sft", "rollouts", "preferences", "dpo", "eval")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,9 +160,15 @@ def join(*parts: str) -> str:
     return head
 
 
+def run_uri(store: str, run_id: str) -> str:
+    """Where one run's artifacts live: a directory per phase (app.phases.PHASES, and `base`
+    for a base model built locally), plus the pipeline's `report.md`."""
+    return join(store, "runs", run_id)
+
+
 def phase_uri(store: str, run_id: str, phase: str) -> str:
     """The one place that says where a phase's artifacts live."""
-    return join(store, "runs", run_id, phase)
+    return join(run_uri(store, run_id), phase)
 
 
 def check_store(store: str) -> None:
@@ -559,3 +564,16 @@ def workdir(phase: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def trainer_dir(phase: str, run_id: str) -> Path:
+    """The HF Trainer's local output directory for a training phase, emptied by local rank 0.
+
+    Scratch only: what counts is uploaded from here (checkpoints, the artifact). A stale
+    `checkpoint-N/` of an earlier run must not be uploaded, hence the fresh start.
+    """
+    root = Path(os.environ.get("PIPELINE_WORKDIR", tempfile.gettempdir())) / f"{phase}-trainer-{run_id}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -41,12 +41,11 @@ if str(ROOT) not in sys.path:
 
 from app.artifacts import MANIFEST, join, phase_uri, read_manifest  # noqa: E402
 from app.log import redact  # noqa: E402
+from app.phases import PHASES, SHARDED  # noqa: E402
 
-PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
 PHASE_LABEL = "gsm8k.dev/phase"
 RUN_LABEL = "gsm8k.dev/run"
 STEP_LABEL = "gsm8k.dev/step"
-SHARDABLE = ("rollouts", "eval")  # generation phases that can split their questions over pods
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MAIN_CONTAINER = "phase"
 CONFIG_MAP = "pipeline-config"
@@ -200,7 +199,7 @@ def plan(jobs: dict[str, dict], run_id: str, store: str, *, start: str, stop: st
     steps = []
     for phase in selected:
         job = for_run(jobs[phase], run_id, force=force)
-        if shards > 1 and phase in SHARDABLE:
+        if shards > 1 and phase in SHARDED:
             phase_steps = [Step(phase, sharded(job, shards), title=f"{phase} ({shards} shards)"),
                            Step(phase, merge_job(for_run(jobs["preferences"], run_id, force=force), phase, run_id,
                                                  shards), title=f"{phase} merge")]

@@ -51,7 +51,9 @@ def small_run(tmp_path_factory, tiny_model_dir):
     """Every phase once, in order, on the tiny model; returns (store, run_id, manifests)."""
     store = tmp_path_factory.mktemp("store")
     manifests = {}
-    for phase in ("sft", "rollouts", "preferences", "dpo", "eval"):
+    from app.phases import PHASES
+
+    for phase in PHASES:
         manifests[phase] = run_phase(phase, store, "small", tiny_model_dir)
     return store, "small", manifests
 

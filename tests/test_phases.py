@@ -142,3 +142,49 @@ def test_adapter_for_another_base_model_is_refused(small_run, tmp_path):
     build_tiny_model(other, warmup_steps=0, hidden_size=128, layers=2, log=lambda *_: None)
     with pytest.raises(InputError, match="adapter was trained for a base model of shape"):
         run_phase("eval", store, run_id, other, "--eval-limit", "2")
+
+
+def publish_shards(store, run_id, phase, source_dir, source_manifest, names, num_shards=2):
+    """`source`'s files cut into `num_shards` shard artifacts the way an Indexed Job's pods write them."""
+    from app.data import write_jsonl
+    from app.shards import shard_slice, shard_uri
+
+    for index in range(num_shards):
+        with artifacts.workdir("shard") as work:
+            for name in names:
+                rows = [row for _, row in read_jsonl(source_dir / name)]
+                (work / name).parent.mkdir(parents=True, exist_ok=True)
+                write_jsonl(work / name, shard_slice(rows, index, num_shards))
+            config = {**source_manifest["config"], "num_shards": num_shards, "shard_index": index}
+            artifacts.publish(work, shard_uri(artifacts.phase_uri(str(store), run_id, phase), index), phase=phase,
+                              config=config, timings=source_manifest["timings"])
+
+
+@pytest.mark.parametrize("phase", ["rollouts", "eval"])
+def test_merged_shards_equal_the_unsharded_artifact(small_run, tiny_model_dir, phase):
+    store, run_id, _ = small_run
+    path, manifest = fetch(store, run_id, phase)
+    names = [name for name in manifest["files"] if name.endswith(".jsonl")]
+    publish_shards(store, f"merged-{phase}", phase, path, manifest, names)
+    merged = run_phase("merge", store, f"merged-{phase}", tiny_model_dir, "--phase", phase, "--num-shards", "2")
+    merged_path, _ = fetch(store, f"merged-{phase}", phase)
+    assert sorted(name for name in merged["files"] if name.endswith(".jsonl")) == sorted(names)
+    for name in names:
+        assert (merged_path / name).read_text() == (path / name).read_text()
+    assert merged["metrics"].items() <= manifest["metrics"].items()
+    assert set(merged["inputs"]) == {"shard_00000", "shard_00001"}
+    if phase == "eval":
+        report = (merged_path / "report.md").read_text().replace(f"merged-{phase}", run_id)
+        assert report == (path / "report.md").read_text()
+    else:
+        throughput = json.loads((merged_path / "summary.json").read_text())["throughput"]
+        assert throughput == [manifest["timings"]["generation"]] * 2
+
+
+def test_merge_refuses_missing_shards(small_run, tiny_model_dir):
+    store, run_id, _ = small_run
+    path, manifest = fetch(store, run_id, "rollouts")
+    publish_shards(store, "one-shard-short", "rollouts", path, manifest, ["rollouts.jsonl"], num_shards=2)
+    with pytest.raises(InputError, match=r"shards \[2\] of 3 are not published"):
+        run_phase("merge", store, "one-shard-short", tiny_model_dir, "--phase", "rollouts", "--num-shards", "3")
+    assert artifacts.read_manifest(artifacts.phase_uri(str(store), "one-shard-short", "rollouts")) is None

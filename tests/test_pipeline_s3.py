@@ -18,10 +18,10 @@ import pytest
 
 from app import artifacts
 from app.cli import main as cli_main
+from app.phases import PHASES
 from tests.conftest import SMALL_RUN_FLAGS
 from tests.s3_server import moto_endpoint, new_bucket, point_at, raw_client  # noqa: F401
 
-PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
 RUN_ID = "s3-demo"
 
 

@@ -1,9 +1,20 @@
-"""The phases: each module has a docstring with its command, a `Config` dataclass and `main(config)`."""
+"""The phases: each module has a docstring with its command, a `Config` dataclass and `main(config)`.
+
+`PHASES` is the one list of a run's phases, in order: the pipeline command runs them,
+scripts/chain.py makes one Kubernetes Job each, the Argo template's steps follow it
+(tests/k8s/test_k8s_argo.py checks that they do) and each publishes its artifact at
+`artifacts.phase_uri(store, run_id, phase)`. `SHARDED` are the ones that can split their
+questions over the pods of an Indexed Job; each of them has `merge_shards`, which
+`python -m app merge` calls to join the shards.
+"""
 
 from __future__ import annotations
 
 from app import artifacts
 from app.log import banner, log, log_config
+
+PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
+SHARDED = ("rollouts", "eval")
 
 
 def begin(name: str, out_uri: str, config, detail: str = "") -> dict | None:

@@ -180,7 +180,6 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     from trl import DPOConfig
 
     from app.models import check_adapter_matches, load_causal_lm, load_tokenizer
-    from app.phases.sft import _trainer_dir
 
     check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
     tokenizer = load_tokenizer(base_path)
@@ -188,7 +187,7 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
     on_gpu = torch.cuda.is_available()
     args = DPOConfig(
-        output_dir=str(_trainer_dir("dpo", config)),
+        output_dir=str(artifacts.trainer_dir("dpo", config.run_id)),
         num_train_epochs=config.dpo_epochs,
         per_device_train_batch_size=config.dpo_batch_size,
         gradient_accumulation_steps=config.dpo_grad_accum,

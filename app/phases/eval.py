@@ -19,18 +19,24 @@ question, not by whether two independent intervals overlap: for base -> sft, sft
 base -> dpo, `summary.json["paired"][dataset]["base->sft"]` holds the accuracy difference, a
 95% paired-bootstrap interval (10,000 resamples of the questions, seed 0), the questions
 fixed and broken, and the exact two-sided McNemar p-value (a binomial test on the flips).
+
+With `--num-shards N` each pod of an Indexed Job evaluates one shard of the questions;
+`python -m app merge --phase eval --num-shards N` joins them (`merge_shards`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from app import artifacts
 from app.config import RunConfig, option, require
+from app.data import read_jsonl, write_jsonl
 from app.log import log
 from app.phases import begin
 from app.shards import default_shard_index, output_uri, shard_slice
@@ -117,17 +123,8 @@ def main(config: Config) -> dict | None:
     base_path, inputs["base"] = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
     records, stats = generate_answers(config, base_path, adapters, datasets)
 
-    from app.data import write_jsonl
-
     with artifacts.workdir("eval") as work:
-        for (dataset, model), rows in records.items():
-            (work / dataset).mkdir(exist_ok=True)
-            write_jsonl(work / dataset / f"{model}.jsonl", rows)
-        summary = summarize(records)
-        summary["throughput"] = stats
-        report = render_report(summary, records, config.run_id)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2))
-        (work / "report.md").write_text(report)
+        summary, report = write_results(work, records, config.run_id, throughput=stats)
         manifest = artifacts.publish(work, out_uri, phase="eval", config=config.to_dict(), identity=config.identity(),
                                      inputs=inputs, metrics={k: v for k, v in summary.items() if k != "throughput"},
                                      timings={"total_s": round(time.time() - started, 1), "generation": stats},
@@ -136,6 +133,39 @@ def main(config: Config) -> dict | None:
         log(line)
     log(f"eval: published {out_uri}")
     return manifest
+
+
+def result_file(dataset: str, model: str) -> str:
+    """Where one model's answers on one dataset live inside the artifact."""
+    return f"{dataset}/{model}.jsonl"
+
+
+def write_results(work: Path, records: dict, run_id: str, throughput: dict | None = None) -> tuple[dict, str]:
+    """The artifact's files from {(dataset, model): rows}: the answers, summary.json and report.md."""
+    for (dataset, model), rows in records.items():
+        (work / dataset).mkdir(exist_ok=True)
+        write_jsonl(work / result_file(dataset, model), rows)
+    summary = summarize(records)
+    if throughput is not None:
+        summary["throughput"] = throughput
+    report = render_report(summary, records, run_id)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    (work / "report.md").write_text(report)
+    return summary, report
+
+
+def merge_shards(shards: list[tuple[Path, dict]], work: Path, run_id: str) -> dict:
+    """Join the shards' (local dir, manifest) in shard order, which is question order, into `work`
+    as one artifact's files; returns its metrics."""
+    fields = {f.name for f in dataclasses.fields(Config) if f.init}
+    shard_config = Config(**{k: v for k, v in shards[0][1]["config"].items() if k in fields})
+    records = {(dataset, model): [row for path, _ in shards for _, row in read_jsonl(path / result_file(dataset, model))]
+               for dataset in shard_config.datasets() for model in MODEL_ORDER if model in shard_config.models}
+    summary, report = write_results(work, records, run_id)
+    for line in report.splitlines():
+        log(line)
+    log(f"merge eval: {len(records)} result sets from {len(shards)} shards")
+    return summary
 
 
 def generate_answers(config: Config, base_path: str, adapters: dict, datasets: dict) -> tuple[dict, dict]:

@@ -22,9 +22,9 @@ import typing
 from app import artifacts
 from app.config import RunConfig, option, require
 from app.log import banner, log
+from app.phases import PHASES
 
-PIPELINE_PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
-PHASE_MODULES = {name: f"app.phases.{name}" for name in PIPELINE_PHASES}
+PHASE_MODULES = {name: f"app.phases.{name}" for name in PHASES}
 
 
 def _phase_config_classes() -> dict[str, type]:
@@ -60,15 +60,15 @@ class Config(_PipelineFields):
 
     def validate(self) -> None:
         RunConfig.validate(self)
-        require(self.from_phase in PIPELINE_PHASES, f"--from-phase {self.from_phase!r}: choose from {PIPELINE_PHASES}")
-        require(self.to_phase in PIPELINE_PHASES, f"--to-phase {self.to_phase!r}: choose from {PIPELINE_PHASES}")
-        require(PIPELINE_PHASES.index(self.from_phase) <= PIPELINE_PHASES.index(self.to_phase),
+        require(self.from_phase in PHASES, f"--from-phase {self.from_phase!r}: choose from {PHASES}")
+        require(self.to_phase in PHASES, f"--to-phase {self.to_phase!r}: choose from {PHASES}")
+        require(PHASES.index(self.from_phase) <= PHASES.index(self.to_phase),
                 "--from-phase comes after --to-phase")
         for config in self.phase_configs().values():
             config.validate()
 
     def phases(self) -> list[str]:
-        return list(PIPELINE_PHASES[PIPELINE_PHASES.index(self.from_phase): PIPELINE_PHASES.index(self.to_phase) + 1])
+        return list(PHASES[PHASES.index(self.from_phase): PHASES.index(self.to_phase) + 1])
 
     def phase_configs(self) -> dict[str, RunConfig]:
         values = dataclasses.asdict(self)
@@ -92,9 +92,8 @@ def main(config: Config) -> dict:
         importlib.import_module(PHASE_MODULES[name]).main(configs[name])
         timings[name] = {"seconds": round(time.time() - phase_started, 1), "skipped": skipped}
     report = run_report(config, timings, time.time() - started)
-    backend, prefix = artifacts.open_store(config.store)
-    backend.write_bytes(artifacts.join(prefix, "runs", config.run_id, "report.md") if prefix
-                        else f"runs/{config.run_id}/report.md", report.encode())
+    backend, key = artifacts.open_store(artifacts.run_uri(config.store, config.run_id))
+    backend.write_bytes(artifacts.join(key, "report.md") if key else "report.md", report.encode())
     banner("run report")
     for line in report.splitlines():
         log(line)
@@ -105,7 +104,7 @@ def run_report(config: Config, timings: dict, total_seconds: float) -> str:
     """One page: what each phase did, how long it took, and the accuracy table."""
     lines = [f"# Run `{config.run_id}`", "", f"Store: `{config.store}`  preset: `{config.preset}`  "
              f"base model: `{config.base_model}`", "", "| phase | status | time | key numbers |", "|---|---|---|---|"]
-    for name in PIPELINE_PHASES:
+    for name in PHASES:
         manifest = artifacts.read_manifest(artifacts.phase_uri(config.store, config.run_id, name))
         if manifest is None:
             lines.append(f"| {name} | not published | | |")

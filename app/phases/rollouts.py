@@ -4,7 +4,7 @@
     python -m app rollouts --preset abel-7b --store s3://bucket/gsm8k --run-id r1 \\
         --n-samples 8 --question-batch-size 256                        # one pod, all its GPUs
     # N pods of an Indexed Job: each takes shard JOB_COMPLETION_INDEX of N, then
-    python -m app merge --phase rollouts --num-shards N ...            # combine the shards
+    python -m app merge --phase rollouts --num-shards N ...            # combine the shards (merge_shards)
 
 The policy is base + SFT adapter, served unmerged. Each question is asked under the
 prompt variants (direct, reflective, deliberative); `--n-samples` trajectories per
@@ -31,9 +31,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from app import artifacts
 from app.config import RunConfig, option, require
+from app.data import read_jsonl, write_jsonl
 from app.errors import StorageError
 from app.log import log
 from app.phases import begin
@@ -254,3 +256,15 @@ def summarize(records: list[dict]) -> dict:
         "truncated": sum(t["truncated"] for t in trajectories),
         "mean_tokens": round(sum(t["num_tokens"] for t in trajectories) / max(1, len(trajectories)), 1),
     }
+
+
+def merge_shards(shards: list[tuple[Path, dict]], work: Path, run_id: str) -> dict:
+    """Join the shards' (local dir, manifest) in shard order, which is question order, into `work`
+    as one artifact's files; returns its metrics."""
+    records = [row for path, _ in shards for _, row in read_jsonl(path / "rollouts.jsonl")]
+    write_jsonl(work / "rollouts.jsonl", records)
+    summary = summarize(records)
+    summary["throughput"] = [manifest.get("timings", {}).get("generation") for _, manifest in shards]
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"merge rollouts: {len(records)} questions from {len(shards)} shards")
+    return {k: v for k, v in summary.items() if k != "throughput"}

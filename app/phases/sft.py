@@ -149,7 +149,7 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
     dataset = Dataset.from_list(rows)
     on_gpu = torch.cuda.is_available()
     args = SFTConfig(
-        output_dir=str(_trainer_dir("sft", config)),
+        output_dir=str(artifacts.trainer_dir("sft", config.run_id)),
         num_train_epochs=config.sft_epochs,
         per_device_train_batch_size=config.sft_batch_size,
         gradient_accumulation_steps=config.sft_grad_accum,
@@ -179,16 +179,3 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
                              callbacks=callbacks)
     return trainer, tokenizer
 
-
-def _trainer_dir(phase: str, config: RunConfig):
-    import os
-    import tempfile
-    from pathlib import Path
-
-    root = Path(os.environ.get("PIPELINE_WORKDIR", tempfile.gettempdir())) / f"{phase}-trainer-{config.run_id}"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)  # scratch: stale checkpoint-N/ of an earlier run must not be uploaded
-    root.mkdir(parents=True, exist_ok=True)
-    return root

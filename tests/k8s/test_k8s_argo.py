@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.phases import PHASES
 from tests.k8s.test_k8s_manifests import SECRET_NAME, app_argv, launched, render, restricted_violations
 
 ROOT = Path(__file__).resolve().parents[2]
-PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,8 @@ def test_phases_run_in_order_each_behind_its_check(template):
         else:
             assert step["template"] == step["name"]
             assert step["when"] == f"{{{{steps.check-{step['name']}.outputs.result}}}} == run"
+    (start,) = [p for p in template["spec"]["arguments"]["parameters"] if p["name"] == "from"]
+    assert start["enum"] == list(PHASES) and start["value"] == PHASES[0]
 
 
 def test_steps_retry_crashes_but_not_config_or_input_errors(template):
@@ -156,9 +158,9 @@ def test_check_skips_phases_before_the_resume_point(template, tmp_path):
 
 
 def test_check_fails_fast_on_a_config_error(template, tmp_path):
-    result = run_check(template, tmp_path, "dpo", run_id="Bad_Run")
+    result = run_check(template, tmp_path, "dpo", run_id="bad run")
     assert result.returncode == 2
-    assert "config error: --run-id 'Bad_Run'" in result.stderr
+    assert "config error: --run-id 'bad run'" in result.stderr
 
 
 def test_the_argo_rbac_validates_and_grants_only_task_results():

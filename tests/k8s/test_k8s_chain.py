@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.phases import PHASES
 from tests.k8s.fakekube import FakeKube, PodRun
 from tests.s3_server import moto_endpoint, new_bucket, point_at  # noqa: F401  (pytest fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
-PHASES = ("sft", "rollouts", "preferences", "dpo", "eval")
 
 
 def load_chain():
