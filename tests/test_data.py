@@ -1,6 +1,7 @@
 """Data specs: synthetic problems, JSONL with clear errors, reject accounting."""
 
 import json
+import re
 
 import pytest
 
@@ -101,3 +102,67 @@ def test_missing_file_and_bad_specs():
 def test_limit():
     problems, _ = load_problems("synthetic:50", limit=7)
     assert len(problems) == 7
+
+
+def test_demo_synthetic_family_is_unchanged():
+    """The demo's data, pinned: the README's table was measured on exactly these problems."""
+    import hashlib
+
+    rows = [synthetic_problems(1200, 0, "train"), synthetic_problems(200, 0, "test"),
+            synthetic_problems(4000, 1000, "train"), synthetic_problems(300, 3, "test")]
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    assert digest == "97681a6aef7d6f861a1492858fb115aca0f875cb600b0045f94887085369fe2a"
+
+
+def _check_solution(answer: str) -> list[int]:
+    """Every calculator annotation is right, each step starts from the previous result, and the
+    last result is the gold answer; returns the numbers the solution used."""
+    lines = answer.splitlines()
+    results, used = [], []
+    for line in lines[:-1]:
+        a, op, b, c = re.search(r"<<(\d+)([-+*/])(\d+)=(\d+)>>", line).groups()
+        a, b, c = int(a), int(b), int(c)
+        assert c == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] and (op != "/" or a % b == 0), line
+        results.append(c)
+        used += [a, b]
+    assert lines[-1] == f"#### {results[-1]}"
+    return used
+
+
+def test_synthetic_hard_is_harder_and_correct():
+    from app.data import synthetic_hard_problems
+
+    rows = synthetic_hard_problems(500, seed=3)
+    steps = [len(r["answer"].splitlines()) - 1 for r in rows]
+    assert min(steps) >= 2 and max(steps) >= 5  # 2-4 operations, a pack purchase takes two lines
+    golds = [int(extract_answer(r["answer"], method="strict")) for r in rows]
+    assert all(0 < g <= 2000 for g in golds) and sum(g >= 100 for g in golds) > 300  # most answers have 3-4 digits
+    with_distractors = 0
+    for row in rows:
+        used = _check_solution(row["answer"])
+        numbers = [int(n) for n in re.findall(r"\d+", row["question"])]
+        with_distractors += any(n not in used for n in numbers)
+    assert with_distractors > 250  # most questions mention numbers the answer must ignore
+
+
+def test_synthetic_hard_splits_never_overlap_and_are_seeded():
+    from app.data import synthetic_hard_problems
+
+    split = {s: {r["question"] for r in synthetic_hard_problems(n, stream=s)}
+             for s, n in (("train", 3000), ("val", 1000), ("test", 1000))}
+    assert not split["train"] & split["val"] and not split["train"] & split["test"] and not split["val"] & split["test"]
+    assert synthetic_hard_problems(20, seed=1) == synthetic_hard_problems(20, seed=1) != synthetic_hard_problems(20, seed=2)
+
+
+@pytest.mark.parametrize("spec,split,prefix", [("synthetic-hard:10", "train", "syn-hard-train-"),
+                                               ("synthetic-hard:10", "test", "syn-hard-test-"),
+                                               ("synthetic-hard-val:10", "test", "syn-hard-val-"),
+                                               ("synthetic-hard-test:10", "train", "syn-hard-test-")])
+def test_synthetic_hard_specs(spec, split, prefix):
+    problems, report = load_problems(spec, split=split)
+    assert len(problems) == 10 and report.rejected == 0 and problems[0].id == prefix + "0"
+
+
+def test_bad_synthetic_hard_spec():
+    with pytest.raises(ConfigError, match="synthetic-hard-val:N"):
+        load_problems("synthetic-hard-dev:10")

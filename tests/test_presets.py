@@ -40,3 +40,14 @@ def test_unknown_recipe_is_a_config_error():
 def test_pipeline_hands_the_recipe_to_dpo():
     _, config = parse(["pipeline", "--preset", "abel-7b", "--dpo-recipe", "reference"], environ={})
     assert config.phase_configs()["dpo"].dpo_sft_weight == 0.0
+
+
+def test_small_preset_is_the_proving_ground():
+    _, config = parse(["pipeline", "--preset", "small"], environ={})
+    phases = config.phase_configs()
+    assert phases["sft"].base_model == "small" and phases["sft"].train_data == "synthetic-hard:20000"
+    assert phases["eval"].eval_data == "synthetic-hard-test:1000"  # >= 1,000 held-out questions
+    assert phases["dpo"].dpo_recipe == "rpo" and phases["dpo"].dpo_sft_weight == 1.0
+    # the reference case's plain DPO on the same SFT adapter and pairs is one flag away
+    _, plain = parse(["dpo", "--preset", "small", "--dpo-recipe", "reference"], environ={})
+    assert plain.dpo_sft_weight == 0.0 and plain.dpo_learning_rate == 5e-6 and plain.dpo_batch_size == 2
