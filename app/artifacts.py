@@ -385,7 +385,7 @@ def _safe_name(name: str, label: str) -> str:
     return name
 
 
-def _cache_base(cache_dir: str | os.PathLike | None) -> Path:
+def cache_base(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("PIPELINE_CACHE") or Path(tempfile.gettempdir()) / "pipeline-cache")
 
 
@@ -401,18 +401,20 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def fetch(uri: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, dict]:
+def fetch(uri: str, cache_dir: str | os.PathLike | None = None, private: bool = False) -> tuple[Path, dict]:
     """(local directory with the artifact's files, manifest), every file checked against the manifest.
 
     Local stores are read in place; S3 artifacts are downloaded once per manifest version
     into `cache_dir` (default $PIPELINE_CACHE, else <tmp>/pipeline-cache) and reused.
+    `private`: copy from a local store into the cache too, so the directory stays valid when
+    the artifact is deleted later (a checkpoint that training goes on to rotate away).
     """
     manifest = read_manifest(uri)
     if manifest is None:
         raise InputError(f"{uri} is not published (no {MANIFEST}); run its phase first")
     for _ in range(3):
         try:
-            return _fetch_once(uri, manifest, cache_dir), manifest
+            return _fetch_once(uri, manifest, cache_dir, private), manifest
         except InputError:
             latest = read_manifest(uri)
             if latest is None:
@@ -423,7 +425,7 @@ def fetch(uri: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, d
     raise StorageError(f"{uri} kept changing while being read; retry later")
 
 
-def _fetch_once(uri: str, manifest: dict, cache_dir) -> Path:
+def _fetch_once(uri: str, manifest: dict, cache_dir, private: bool = False) -> Path:
     backend, prefix = open_store(uri)
     key = _keyer(prefix)
     data_dir = manifest.get("data_dir", "")
@@ -431,7 +433,7 @@ def _fetch_once(uri: str, manifest: dict, cache_dir) -> Path:
         _safe_name(data_dir, uri)
     entries = [(_safe_name(name, uri), meta) for name, meta in manifest["files"].items()]
 
-    in_place = backend.local_path(key(MANIFEST))
+    in_place = None if private else backend.local_path(key(MANIFEST))
     if in_place is not None:
         root = in_place.parent / data_dir if data_dir else in_place.parent
         for name, meta in entries:
@@ -439,7 +441,7 @@ def _fetch_once(uri: str, manifest: dict, cache_dir) -> Path:
         return root
 
     digest = manifest_digest(manifest)
-    base = _cache_base(cache_dir) / "artifacts"
+    base = cache_base(cache_dir) / "artifacts"
     root = base / digest[:16]
     marker = base / f"{digest[:16]}.verified.json"
     with _locked(base / f"{digest[:16]}.lock"):
@@ -505,7 +507,7 @@ def local_copy(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     if head is None:
         raise InputError(f"{uri}: no such object")
     size, etag = head
-    slot = _cache_base(cache_dir) / "objects" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    slot = cache_base(cache_dir) / "objects" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     target = slot / PurePosixPath(key).name
     stamp = slot.parent / f"{slot.name}.json"
     with _locked(slot.parent / f"{slot.name}.lock"):
@@ -570,7 +572,9 @@ def trainer_dir(phase: str, run_id: str) -> Path:
     """The HF Trainer's local output directory for a training phase, emptied by local rank 0.
 
     Scratch only: what counts is uploaded from here (checkpoints, the artifact). A stale
-    `checkpoint-N/` of an earlier run must not be uploaded, hence the fresh start.
+    `checkpoint-N/` of an earlier run must not be uploaded, hence the fresh start. It holds the
+    Trainer's newest checkpoint only (save_total_limit=1); `checkpoints.clear_checkpoints`
+    removes it once the phase is published, and the next attempt of a failed run empties it.
     """
     root = Path(os.environ.get("PIPELINE_WORKDIR", tempfile.gettempdir())) / f"{phase}-trainer-{run_id}"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -31,9 +31,11 @@ After the phase publishes its artifact, `clear_checkpoints` removes them (best e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -119,7 +121,10 @@ def save_checkpoint(phase_uri: str, step: int, local_dir: str | os.PathLike, con
 
 
 def latest_checkpoint(phase_uri: str, config_hash: str, log: Callable[[str], None] = _say) -> Path | None:
-    """A local directory with the newest complete checkpoint of this config, verified; None to start fresh."""
+    """A local directory with the newest complete checkpoint of this config, verified; None to start fresh.
+
+    The directory is a private copy in the cache, on a local store too: the run that resumes
+    from it publishes newer checkpoints, and their rotation deletes this one from the store."""
     found = _usable(phase_uri, config_hash, log, newest_only=True)
     return found[-1][1] if found else None
 
@@ -146,7 +151,7 @@ def _usable(phase_uri: str, config_hash: str, log, newest_only: bool) -> list[tu
     # Newest first when one is wanted (a damaged newest falls back to the one before it); oldest
     # first when all are (chunked progress keeps the unbroken prefix before a damaged one).
     for entry in (reversed(mine) if newest_only else mine):
-        path = _verified(entry, config_hash, log)
+        path = _verified(phase_uri, entry, config_hash, log)
         if path is None:
             if newest_only:
                 continue
@@ -157,14 +162,14 @@ def _usable(phase_uri: str, config_hash: str, log, newest_only: bool) -> list[tu
     return found
 
 
-def _verified(entry: dict, config_hash: str, log) -> Path | None:
+def _verified(phase_uri: str, entry: dict, config_hash: str, log) -> Path | None:
     uri = entry.get("uri", "")
     try:
         manifest = artifacts.read_manifest(uri)
         if manifest is None or artifacts.manifest_digest(manifest) != entry.get("manifest_sha256"):
             log(f"warning: checkpoint {uri} is missing or was replaced since the pointer named it; skipping it")
             return None
-        path, _ = artifacts.fetch(uri)
+        path, _ = artifacts.fetch(uri, cache_dir=_cache(phase_uri), private=True)
         info = json.loads((path / META).read_text())
     except (InputError, OSError, ValueError) as exc:
         log(f"warning: checkpoint {uri} cannot be used ({exc}); skipping it")
@@ -192,8 +197,13 @@ def _remove(uri: str) -> None:
         _say(f"warning: could not remove old checkpoint {uri} ({exc}); it is unreferenced and safe to delete")
 
 
-def clear_checkpoints(phase_uri: str) -> None:
-    """Remove the pointer and every checkpoint it names, once the phase's artifact is published."""
+def clear_checkpoints(phase_uri: str, scratch: str | os.PathLike | None = None) -> None:
+    """Remove the pointer and every checkpoint it names, once the phase's artifact is published,
+    the local copies resumed from, and the Trainer's `scratch` directory (`artifacts.trainer_dir`)."""
+    if _local_rank() == 0:
+        for local in (scratch, _cache(phase_uri)):
+            if local is not None:
+                shutil.rmtree(local, ignore_errors=True)
     try:
         entries = read_pointer(phase_uri)
         if not entries:
@@ -205,6 +215,15 @@ def clear_checkpoints(phase_uri: str) -> None:
         return
     for entry in entries:
         _remove(entry["uri"])
+
+
+def _cache(phase_uri: str) -> Path:
+    """Where this phase's checkpoints are copied to be resumed from (one directory per phase)."""
+    return artifacts.cache_base() / "checkpoints" / hashlib.sha256(phase_uri.encode()).hexdigest()[:16]
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import subprocess
 import sys
@@ -162,8 +163,12 @@ def test_dpo_killed_after_a_checkpoint_resumes_to_the_same_adapter(workspace, ti
     straight = workspace / "dpo-straight.jsonl"
     assert run_recorded("dpo", dpo_flags(store, "dpo-straight", tiny_base), straight) == 0
     record = workspace / "dpo-preempted.jsonl"
-    run_killed("dpo", dpo_flags(store, "dpo-preempted", tiny_base), record, after_checkpoint=8)
-    assert run_recorded("dpo", dpo_flags(store, "dpo-preempted", tiny_base), record) == 0
+    # A checkpoint every 2 steps, killed after step 4: the resumed run's own checkpoints at 6 and 8
+    # rotate step 4 (the one it resumed from) out of the store before it finishes.
+    flags = dpo_flags(store, "dpo-preempted", tiny_base)
+    flags[flags.index("--save-steps") + 1] = "2"
+    run_killed("dpo", flags, record, after_checkpoint=4)
+    assert run_recorded("dpo", flags, record) == 0
 
     assert [step for step, _ in steps_and_rows(record)] == list(range(1, 13))
     assert steps_and_rows(record) == steps_and_rows(straight)
@@ -171,7 +176,31 @@ def test_dpo_killed_after_a_checkpoint_resumes_to_the_same_adapter(workspace, ti
     assert max_difference(resumed, uninterrupted) <= ADAPTER_TOLERANCE
     assert max_difference(resumed, adapter(store, straight_id, "sft")) > 1e-4  # and DPO did train it
     metrics = artifacts.read_manifest(artifacts.phase_uri(str(store), "dpo-preempted", "dpo"))["metrics"]
-    assert metrics["resumed_from_step"] == 8 and metrics["step0_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert metrics["resumed_from_step"] == 4 and metrics["step0_loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_sft_resumed_past_its_own_checkpoint_rotation_publishes_the_same_adapter(kind, request, workspace, tiny_base,
+                                                                                  train_data, sft_straight):
+    """Killed after checkpoint 4 of 12 (one every 2 steps), then resumed: its checkpoints at 6 and 8
+    rotate step 4, the one it resumed from, out of the store; the run must finish all the same."""
+    store = request.getfixturevalue("s3").store if kind == "s3" else str(workspace / "store")
+    run_id = f"rotated-{kind}"
+    flags = sft_flags(store, run_id, tiny_base, train_data)
+    flags[flags.index("--save-steps") + 1] = "2"
+    record = workspace / f"sft-{run_id}.jsonl"
+    run_killed("sft", flags, record, after_checkpoint=4)
+    assert run_recorded("sft", flags, record) == 0
+
+    uri = artifacts.phase_uri(store, run_id, "sft")
+    assert artifacts.read_manifest(uri)["metrics"]["resumed_from_step"] == 4
+    assert checkpoints.read_pointer(uri) == []
+    # Nothing left behind: no Trainer scratch, no cached copy of a checkpoint.
+    assert not (workspace / "work" / f"sft-trainer-{run_id}").exists()
+    cache = Path(os.environ["PIPELINE_CACHE"]) / "artifacts"
+    assert [p.name for p in cache.glob("*") if p.is_dir()] == []
+    straight_store, straight_id, _ = sft_straight
+    assert max_difference(adapter(store, run_id, "sft"), adapter(straight_store, straight_id, "sft")) <= ADAPTER_TOLERANCE
 
 
 def synthetic_preferences(directory: Path, count: int) -> Path:
@@ -236,8 +265,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
         checkpoints.save_checkpoint(uri, step, checkpoint_dir(tmp_path / f"c{step}", str(step)), "h1")
     assert [e["step"] for e in checkpoints.read_pointer(uri)] == [8, 12]  # keep=2: step 4 was removed
     assert not (Path(checkpoints.checkpoint_uri(uri, 4)) / "manifest.json").exists()
-    newest = checkpoints.latest_checkpoint(uri, "h1")
-    (newest / "state.bin").write_bytes(b"bit rot")
+    newest = Path(checkpoints.checkpoint_uri(uri, 12))
+    (newest / artifacts.read_manifest(str(newest))["data_dir"] / "state.bin").write_bytes(b"bit rot")  # in the store
     messages = []
     fallback = checkpoints.latest_checkpoint(uri, "h1", log=messages.append)
     assert checkpoints.checkpoint_info(fallback)["step"] == 8

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from app import artifacts
+from app import artifacts, checkpoints
 from app.config import RunConfig, option, require
 from app.errors import InputError
 from app.log import log
@@ -93,11 +93,10 @@ def main(config: Config) -> dict | None:
 
     with PartialState().main_process_first():
         base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
-    from app import checkpoints
-
     config_hash = artifacts.config_hash(config.identity())
     resume = checkpoints.latest_checkpoint(out_uri, config_hash, log=log)
-    log(f"dpo: resuming from {resume} (step {checkpoints.checkpoint_info(resume)['step']})" if resume else
+    resumed_step = checkpoints.checkpoint_info(resume)["step"] if resume else 0
+    log(f"dpo: resuming from {resume} (step {resumed_step})" if resume else
         "dpo: no checkpoint to resume from; starting at step 0")
     trainer, tokenizer = build_trainer(config, base_path, str(sft_dir), pairs,
                                        callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
@@ -116,7 +115,7 @@ def main(config: Config) -> dict | None:
         "last_margin": history[-1].get("rewards/margins") if history else None,
         "last_accuracy": history[-1].get("rewards/accuracies") if history else None,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-        "resumed_from_step": checkpoints.checkpoint_info(resume)["step"] if resume else 0,
+        "resumed_from_step": resumed_step,
     }
     log(f"dpo: step-0 loss {metrics['step0_loss']} (ln 2 = {LN2:.4f}), margin {metrics['step0_margin']}; "
         f"last loss {metrics['last_loss']}, margin {metrics['last_margin']}, accuracy {metrics['last_accuracy']}")
@@ -137,7 +136,7 @@ def main(config: Config) -> dict | None:
             inputs={"preferences": artifacts.lineage_entry(prefs_uri, prefs_manifest),
                     "sft": artifacts.lineage_entry(sft_uri, sft_manifest), "base": base_lineage},
             metrics=metrics, timings={"total_s": round(time.time() - started, 1)}, overwrite=config.force)
-    checkpoints.clear_checkpoints(out_uri)  # the artifact is what counts now
+    checkpoints.clear_checkpoints(out_uri, scratch=trainer.args.output_dir)  # the artifact is what counts now
     log(f"dpo: published {out_uri}")
     return manifest
 

@@ -29,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from app import artifacts
+from app import artifacts, checkpoints
 from app.config import RunConfig, option, require
 from app.log import log
 from app.phases import begin
@@ -92,11 +92,10 @@ def main(config: Config) -> dict | None:
         base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
     log(f"base model: {base_path}")
 
-    from app import checkpoints
-
     config_hash = artifacts.config_hash(config.identity())
     resume = checkpoints.latest_checkpoint(out_uri, config_hash, log=log)
-    log(f"sft: resuming from {resume} (step {checkpoints.checkpoint_info(resume)['step']})" if resume else
+    resumed_step = checkpoints.checkpoint_info(resume)["step"] if resume else 0
+    log(f"sft: resuming from {resume} (step {resumed_step})" if resume else
         "sft: no checkpoint to resume from; starting at step 0")
     trainer, tokenizer = build_trainer(config, base_path, problems,
                                        callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
@@ -112,7 +111,7 @@ def main(config: Config) -> dict | None:
         "examples": len(problems),
         "rejected_rows": report.rejected,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-        "resumed_from_step": checkpoints.checkpoint_info(resume)["step"] if resume else 0,
+        "resumed_from_step": resumed_step,
     }
     if not trainer.accelerator.is_main_process:
         return None
@@ -128,7 +127,7 @@ def main(config: Config) -> dict | None:
                                      inputs={"base": base_lineage, "train_data": {"spec": config.train_data}},
                                      metrics=metrics, timings={"total_s": round(time.time() - started, 1)},
                                      overwrite=config.force)
-    checkpoints.clear_checkpoints(out_uri)  # the artifact is what counts now
+    checkpoints.clear_checkpoints(out_uri, scratch=trainer.args.output_dir)  # the artifact is what counts now
     log(f"sft: loss {metrics['first_logged_loss']} -> {metrics['last_logged_loss']}; published {out_uri}")
     return manifest
 
