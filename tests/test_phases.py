@@ -54,6 +54,7 @@ def test_rollouts_records_and_scores(small_run):
     assert len(records) == 16
     for record in records:
         assert len(record["trajectories"]) == 6
+        assert record["solution"].rstrip().endswith(f"#### {record['gold']}")  # the reference, for gold-anchored pairs
         assert {t["variant"] for t in record["trajectories"]} == {"direct", "reflective", "deliberative"}
         for t in record["trajectories"]:
             assert set(t) >= {"full_text", "answer", "num_tokens", "reward", "correct", "truncated", "quality"}
@@ -71,7 +72,7 @@ def test_preferences_follow_the_rules(small_run):
     pairs = [row for _, row in read_jsonl(path / "preferences.jsonl")]
     assert pairs and manifest["metrics"]["pairs"] == len(pairs)
     for p in pairs:
-        assert p["type"] in ("correctness", "quality")
+        assert p["type"] in ("correctness", "quality")  # no gold-anchored pairs without the option
         assert p["chosen"] != p["rejected"] and p["chosen_reward"] > p["rejected_reward"]
 
 
@@ -81,6 +82,7 @@ def test_dpo_starts_at_ln2_with_zero_margin(small_run):
     metrics = manifest["metrics"]
     assert metrics["step0_loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert metrics["step0_margin"] == pytest.approx(0.0, abs=1e-3)
+    assert sum(metrics["pairs_by_type"].values()) == metrics["pairs"] and metrics["pairs_by_type"]["gold_anchored"] == 0
     assert "adapter_model.safetensors" in manifest["files"]
     assert not any(name.startswith("ref/") for name in manifest["files"])  # the frozen copy is not shipped
     # Lineage: the DPO adapter traces to its preferences, SFT adapter and base model.

@@ -29,7 +29,7 @@ def test_correctness_and_quality_pairs():
     assert kinds == ["correctness", "correctness", "quality"]
     quality = next(p for p in pairs if p["type"] == "quality")
     assert (quality["chosen"], quality["rejected"], quality["margin"]) == ("good a", "good b", 0.4)
-    assert summary["by_type"] == {"correctness": 2, "quality": 1}
+    assert summary["by_type"] == {"correctness": 2, "quality": 1, "gold_anchored": 0}
     assert all(p["question_id"] == "q1" and p["prompt"].endswith("Let's think step by step.\n") for p in pairs)
 
 
@@ -90,3 +90,56 @@ def test_read_rollouts_names_bad_lines(tmp_path):
     path.write_text("")
     with pytest.raises(InputError, match="no rollouts"):
         read_rollouts(path)
+
+
+SOLUTION = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"
+
+
+def solved(qid, *trajectories):
+    return {**record(qid, *trajectories), "gold": "7", "solution": SOLUTION}
+
+
+def test_gold_anchored_pairs_where_no_sample_is_right():
+    records = [solved("q1", traj("right", True, 1.0), traj("wrong", False, 0.1)),
+               solved("q2", traj("wrong high", False, 0.4), traj("wrong low", False, 0.2),
+                      traj("no answer", False, 0.0, answer=None)),
+               solved("q3", traj("cut off", False, 0.0, truncated=True, answer=None))]
+    pairs, summary = build_pairs(records, config(gold_anchored=True, max_gold_pairs_per_question=1))
+    gold = {p["question_id"]: p for p in pairs if p["type"] == "gold_anchored"}
+    assert set(gold) == {"q2", "q3"}  # q1 has a correct sample: a correctness pair instead
+    assert gold["q2"]["chosen"] == "She has 3 + 4 = 7 apples.\n#### 7"  # as SFT taught it: no annotations
+    assert gold["q2"]["rejected"] == "wrong low"  # parseable wrong answers first, lowest reward first
+    assert gold["q3"]["rejected"] == "cut off"  # a truncated sample when nothing else is left
+    assert gold["q2"]["chosen_variant"] == "reference" and gold["q2"]["chosen_reward"] is None
+    assert gold["q2"]["prompt"].endswith("Let's think step by step.\n")
+    assert summary["by_type"] == {"correctness": 1, "quality": 0, "gold_anchored": 2}
+    assert summary["gold_anchored"]["rejected_by_kind"] == {"wrong_answer": 1, "no_answer": 0, "truncated": 1}
+    assert summary["questions_without_correct"] == 2
+    assert any("2 gold-anchored" in line for line in describe(summary, config(gold_anchored=True)))
+
+
+def test_gold_anchored_cap_and_order_of_rejected_kinds():
+    records = [solved("q", traj("w1", False, 0.3), traj("w2", False, 0.1), traj("n", False, 0.0, answer=None),
+                      traj("t", False, 0.0, truncated=True), traj("t", False, 0.0, truncated=True))]
+    pairs, _ = build_pairs(records, config(gold_anchored=True, max_gold_pairs_per_question=10))
+    assert sorted(p["rejected"] for p in pairs) == ["n", "t", "w1", "w2"]  # distinct texts only
+    pairs, _ = build_pairs(records, config(gold_anchored=True, max_gold_pairs_per_question=2))
+    assert sorted(p["rejected"] for p in pairs) == ["w1", "w2"]  # parseable wrong answers before the rest
+    pairs, _ = build_pairs(records, config(gold_anchored=True, max_gold_pairs_per_question=3))
+    assert sorted(p["rejected"] for p in pairs) == ["n", "w1", "w2"]  # then no answer, then truncated
+
+
+def test_without_gold_anchoring_all_wrong_questions_make_no_pairs_and_the_option_is_named():
+    records = [solved("q", traj("w", False, 0.1), traj("t", False, 0.0, truncated=True))]
+    pairs, summary = build_pairs(records, config())
+    assert pairs == [] and summary["by_type"]["gold_anchored"] == 0
+    assert "--gold-anchored" in summary["why_no_pairs"]
+
+
+def test_gold_anchored_needs_the_reference_solution_in_the_rollouts(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text(json.dumps(solved("q1", traj("a", False, 0.0))) + "\n"
+                    + json.dumps(record("q2", traj("b", False, 0.0))) + "\n")
+    assert len(read_rollouts(path)) == 2  # not needed without the option
+    with pytest.raises(InputError, match=r"rollouts.jsonl:2: missing field 'solution'.*rerun rollouts"):
+        read_rollouts(path, need_solution=True)

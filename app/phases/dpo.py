@@ -50,7 +50,9 @@ class Config(RunConfig):
                              "flags still win; '' = the preset's settings as they are")
     max_seq_length: int = option(1024, "longest prompt+completion in tokens")
     bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
-    pair_types: list[str] = option(["correctness", "quality"], "which pair types to train on, comma-separated")
+    pair_types: list[str] = option(["correctness", "quality", "gold_anchored"],
+                                   "which pair types to train on, comma-separated (gold_anchored pairs exist only "
+                                   "when preferences ran with --gold-anchored)")
     check_step0: bool = option(True, "fail unless the first step's loss is ln 2 and its margins 0")
     save_steps: int = option(100, "publish a resumable checkpoint every N optimizer steps (0 = never)")
 
@@ -65,8 +67,10 @@ class Config(RunConfig):
 
         require(self.dpo_recipe in ("", *DPO_RECIPES), f"--dpo-recipe {self.dpo_recipe!r}: use {' or '.join(DPO_RECIPES)}")
         require(self.max_seq_length >= 16, "--max-seq-length must be >= 16")
-        bad = [t for t in self.pair_types if t not in ("correctness", "quality")]
-        require(not bad and bool(self.pair_types), f"--pair-types {self.pair_types}: use correctness and/or quality")
+        from app.phases.preferences import PAIR_TYPES
+
+        bad = [t for t in self.pair_types if t not in PAIR_TYPES]
+        require(not bad and bool(self.pair_types), f"--pair-types {self.pair_types}: choose from {', '.join(PAIR_TYPES)}")
         require(self.save_steps >= 0, f"--save-steps must be >= 0 (0 = no checkpoints), got {self.save_steps}")
 
     def identity(self) -> dict:
@@ -85,7 +89,9 @@ def main(config: Config) -> dict | None:
     prefs_dir, prefs_manifest = artifacts.fetch(prefs_uri)
     pairs = read_pairs(prefs_dir / "preferences.jsonl", config.pair_types)
     sft_dir, sft_manifest = artifacts.fetch(sft_uri)
-    log(f"pairs: {len(pairs)} ({', '.join(config.pair_types)})")
+    kinds = [p.pop("type") for p in pairs]  # the trainer's rows: prompt, chosen, rejected
+    by_type = {kind: kinds.count(kind) for kind in config.pair_types}
+    log(f"pairs: {len(pairs)} ({', '.join(f'{n} {kind}' for kind, n in by_type.items())})")
 
     from accelerate import PartialState
 
@@ -107,6 +113,7 @@ def main(config: Config) -> dict | None:
     step0 = history[0] if history else {}
     metrics = {
         "pairs": len(pairs),
+        "pairs_by_type": by_type,
         "steps": trainer.state.global_step,
         "train_loss": round(result.training_loss, 4),
         "step0_loss": step0.get("loss"),
@@ -164,7 +171,8 @@ def read_pairs(path, pair_types: list[str]) -> list[dict]:
         if row["chosen"] == row["rejected"]:
             raise InputError(f"{path}:{line_number}: chosen and rejected are the same text")
         if row["type"] in pair_types:
-            pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+            pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+                          "type": row["type"]})
     if not pairs:
         raise InputError(f"{path}: no preference pairs of types {pair_types}; nothing to train on")
     return pairs

@@ -130,7 +130,9 @@ def _key_numbers(name: str, metrics: dict) -> str:
                 f"mean reward {metrics.get('mean_reward')}")
     if name == "preferences":
         by_type = metrics.get("by_type", {})
-        return f"{metrics.get('pairs')} pairs ({by_type.get('correctness')} correctness, {by_type.get('quality')} quality)"
+        gold = f", {by_type['gold_anchored']} gold-anchored" if by_type.get("gold_anchored") else ""
+        return (f"{metrics.get('pairs')} pairs ({by_type.get('correctness')} correctness, "
+                f"{by_type.get('quality')} quality{gold})")
     if name == "dpo":
         return (f"step-0 loss {metrics.get('step0_loss')}, last loss {metrics.get('last_loss')}, "
                 f"margin {metrics.get('last_margin')}")

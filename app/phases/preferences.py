@@ -8,9 +8,19 @@ Two kinds of pair, per question:
   the best-rewarded correct ones meet the worst-rewarded incorrect ones first.
 - quality: among correct trajectories, one whose reward beats another's by at least
   `--quality-threshold` (better reasoning or a shorter path to the same answer).
+- gold_anchored (`--gold-anchored`): where a question has no correct trajectory, the
+  reference solution (GSM8K's, reformatted as SFT taught it: no calculator annotations,
+  ending in `#### <number>`) is chosen against a wrong trajectory. Hard questions, where
+  the policy never answers right, then still teach something; so does a policy that
+  answers nothing right at all (a random-weight model in `python -m app rehearse`).
+  Wrong trajectories with a parseable answer are used first (lowest reward first), then
+  ones without an answer, then truncated ones: here a trajectory cut off at the token limit
+  is a failure to answer, and the chosen side is the reference, never a cut-off text.
 
-Rules every pair obeys: chosen and rejected differ in text; chosen's reward is higher;
-neither was truncated nor lacks a parseable answer (those are excluded and counted).
+Rules every sampled pair obeys: chosen and rejected differ in text; chosen's reward is higher;
+neither was truncated nor lacks a parseable answer (those are excluded and counted). A
+gold-anchored pair's chosen side is the reference (no reward: `chosen_reward` and `margin`
+are null, `chosen_variant` is "reference").
 `--max-*-pairs-per-question` caps how much one question can weigh. The pair's prompt
 is the `direct` variant's prompt, the one the model is evaluated and deployed with.
 
@@ -39,13 +49,17 @@ class Config(RunConfig):
     quality_threshold: float = option(0.15, "least reward gap between two correct trajectories for a quality pair")
     max_correctness_pairs_per_question: int = option(4, "cap on correct-vs-incorrect pairs per question")
     max_quality_pairs_per_question: int = option(2, "cap on quality pairs per question")
+    gold_anchored: bool = option(False, "where a question has no correct trajectory, pair the reference solution "
+                                 "(chosen) against wrong trajectories (rejected)")
+    max_gold_pairs_per_question: int = option(1, "cap on gold-anchored pairs per question (with --gold-anchored)")
 
     def validate(self) -> None:
         super().validate()
         require(self.quality_threshold >= 0, f"--quality-threshold must be >= 0, got {self.quality_threshold}")
-        require(self.max_correctness_pairs_per_question >= 0 and self.max_quality_pairs_per_question >= 0,
-                "pair caps must be >= 0")
-        require(self.max_correctness_pairs_per_question + self.max_quality_pairs_per_question > 0,
+        require(self.max_correctness_pairs_per_question >= 0 and self.max_quality_pairs_per_question >= 0
+                and self.max_gold_pairs_per_question >= 0, "pair caps must be >= 0")
+        require(self.max_correctness_pairs_per_question + self.max_quality_pairs_per_question
+                + (self.max_gold_pairs_per_question if self.gold_anchored else 0) > 0,
                 "at least one pair cap must be > 0")
 
 
@@ -56,7 +70,7 @@ def main(config: Config) -> dict | None:
     started = time.time()
     rollouts_uri = artifacts.phase_uri(config.store, config.run_id, "rollouts")
     rollouts_dir, rollouts_manifest = artifacts.fetch(rollouts_uri)
-    records = read_rollouts(rollouts_dir / "rollouts.jsonl")
+    records = read_rollouts(rollouts_dir / "rollouts.jsonl", need_solution=config.gold_anchored)
 
     tokenizer = None
     if config.prompt_format == "chat":
@@ -85,15 +99,20 @@ def main(config: Config) -> dict | None:
 REQUIRED_TRAJECTORY_FIELDS = {"full_text": str, "correct": bool, "reward": (int, float), "num_tokens": int}
 
 
-def read_rollouts(path) -> list[dict]:
-    """rollouts.jsonl, checked field by field so a bad line is named, not skipped."""
+def read_rollouts(path, need_solution: bool = False) -> list[dict]:
+    """rollouts.jsonl, checked field by field so a bad line is named, not skipped.
+    `need_solution`: every record must carry the reference solution (gold-anchored pairs)."""
     from app.data import read_jsonl
 
     records = []
     for line_number, record in read_jsonl(path):
-        for field in ("id", "question", "trajectories"):
+        for field in ("id", "question", "trajectories", *(("solution",) if need_solution else ())):
             if field not in record:
-                raise InputError(f"{path}:{line_number}: missing field '{field}'")
+                hint = " (rollouts made before reference solutions were recorded: rerun rollouts with --force)" \
+                    if field == "solution" else ""
+                raise InputError(f"{path}:{line_number}: missing field '{field}'{hint}")
+        if need_solution and not (isinstance(record["solution"], str) and record["solution"].strip()):
+            raise InputError(f"{path}:{line_number}: field 'solution' must be a non-empty string")
         if not isinstance(record["trajectories"], list):
             raise InputError(f"{path}:{line_number}: field 'trajectories' must be a list")
         for i, t in enumerate(record["trajectories"]):
@@ -117,13 +136,17 @@ def build_pairs(records: list[dict], config: Config, tokenizer=None) -> tuple[li
     excluded = {"truncated": 0, "no_answer": 0}
     largest_quality_gap = 0.0
     all_correct = all_wrong = 0
+    gold_rejected = {"wrong_answer": 0, "no_answer": 0, "truncated": 0}
+    no_correct = 0
     for record in records:
-        usable = []
+        usable, unusable = [], []
         for t in record["trajectories"]:
             if t.get("truncated"):
                 excluded["truncated"] += 1
+                unusable.append(t)
             elif t.get("answer") is None:
                 excluded["no_answer"] += 1
+                unusable.append(t)
             else:
                 usable.append(t)
         usable = _unique_texts(usable)
@@ -143,6 +166,15 @@ def build_pairs(records: list[dict], config: Config, tokenizer=None) -> tuple[li
                 pairs.append(_pair(record, prompt, c, w, "correctness"))
                 made += 1
 
+        lacks_correct = bool(record["trajectories"]) and not any(t["correct"] for t in record["trajectories"])
+        no_correct += lacks_correct
+        if config.gold_anchored and lacks_correct:
+            for kind, rejected in _gold_rejected(wrong, unusable, config.max_gold_pairs_per_question):
+                chosen = _reference(record)
+                if chosen.strip() != rejected["full_text"].strip():
+                    pairs.append(_pair(record, prompt, chosen, rejected, "gold_anchored"))
+                    gold_rejected[kind] += 1
+
         made = 0
         for i, hi in enumerate(correct):
             for lo in reversed(correct[i + 1:]):
@@ -152,14 +184,46 @@ def build_pairs(records: list[dict], config: Config, tokenizer=None) -> tuple[li
                     pairs.append(_pair(record, prompt, hi, lo, "quality"))
                     made += 1
     rng.shuffle(pairs)
-    counts = {"correctness": sum(p["type"] == "correctness" for p in pairs),
-              "quality": sum(p["type"] == "quality" for p in pairs)}
+    counts = {kind: sum(p["type"] == kind for p in pairs) for kind in PAIR_TYPES}
     summary = {"pairs": len(pairs), "by_type": counts, "questions": len(records),
+               "gold_anchored": {"enabled": config.gold_anchored, "rejected_by_kind": gold_rejected},
                "questions_all_correct": all_correct, "questions_all_wrong": all_wrong,
+               "questions_without_correct": no_correct,
                "excluded_trajectories": excluded, "largest_quality_gap": round(largest_quality_gap, 4),
                "quality_threshold": config.quality_threshold}
     summary["why_no_pairs"] = _why_no_pairs(summary) if not pairs else ""
     return pairs, summary
+
+
+PAIR_TYPES = ("correctness", "quality", "gold_anchored")
+
+
+def _reference(record: dict) -> str:
+    """The reference solution as SFT taught the policy to write it (what the prompt format expects next)."""
+    from app.prompts import sft_target
+
+    return sft_target(record["solution"])
+
+
+def _gold_rejected(wrong: list[dict], unusable: list[dict], cap: int):
+    """(kind, trajectory) for up to `cap` distinct wrong trajectories: parseable wrong answers first
+    (lowest reward first), then ones with no answer, then truncated ones."""
+    no_answer = [t for t in unusable if not t.get("truncated")]
+    truncated = [t for t in unusable if t.get("truncated")]
+    ranked = [("wrong_answer", t) for t in wrong] + \
+        [("no_answer", t) for t in _unique_texts(sorted(no_answer, key=lambda t: t["reward"]))] + \
+        [("truncated", t) for t in _unique_texts(sorted(truncated, key=lambda t: t["reward"]))]
+    seen: set[str] = set()
+    out = []
+    for kind, t in ranked:
+        key = t["full_text"].strip()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((kind, t))
+        if len(out) >= cap:
+            break
+    return out
 
 
 def _unique_texts(trajectories: list[dict]) -> list[dict]:
@@ -172,9 +236,13 @@ def _unique_texts(trajectories: list[dict]) -> list[dict]:
     return out
 
 
-def _pair(record: dict, prompt: str, chosen: dict, rejected: dict, kind: str) -> dict:
+def _pair(record: dict, prompt: str, chosen: dict | str, rejected: dict, kind: str) -> dict:
+    """A pair row; `chosen` is a trajectory, or the reference text for a gold-anchored pair (no reward)."""
+    if isinstance(chosen, str):
+        chosen = {"full_text": chosen, "reward": None, "variant": "reference"}
+    margin = None if chosen["reward"] is None else round(chosen["reward"] - rejected["reward"], 4)
     return {"prompt": prompt, "chosen": chosen["full_text"], "rejected": rejected["full_text"], "type": kind,
-            "margin": round(chosen["reward"] - rejected["reward"], 4), "question_id": record["id"],
+            "margin": margin, "question_id": record["id"],
             "chosen_reward": chosen["reward"], "rejected_reward": rejected["reward"],
             "chosen_variant": chosen.get("variant"), "rejected_variant": rejected.get("variant")}
 
@@ -183,13 +251,19 @@ def _why_no_pairs(summary: dict) -> str:
     return (f"{summary['questions_all_correct']} questions had only correct trajectories, "
             f"{summary['questions_all_wrong']} only incorrect ones, and no reward gap among correct ones reached "
             f"--quality-threshold {summary['quality_threshold']} (largest: {summary['largest_quality_gap']}). "
-            "Sample more per question (--n-samples) or at a higher --temperature, or lower --quality-threshold.")
+            "Sample more per question (--n-samples) or at a higher --temperature, or lower --quality-threshold"
+            + ("." if summary["gold_anchored"]["enabled"] else
+               ", or pair the reference solutions against wrong samples (--gold-anchored)."))
 
 
 def describe(summary: dict, config: Config) -> list[str]:
-    lines = [f"pairs: {summary['pairs']} ({summary['by_type']['correctness']} correctness, "
-             f"{summary['by_type']['quality']} quality) from {summary['questions']} questions; "
-             f"excluded trajectories: {summary['excluded_trajectories']}"]
+    by_type = summary["by_type"]
+    gold = f", {by_type['gold_anchored']} gold-anchored" if summary["gold_anchored"]["enabled"] else ""
+    lines = [f"pairs: {summary['pairs']} ({by_type['correctness']} correctness, {by_type['quality']} quality{gold}) "
+             f"from {summary['questions']} questions; excluded trajectories: {summary['excluded_trajectories']}"]
+    if summary["gold_anchored"]["enabled"]:
+        lines.append(f"gold-anchored: {summary['questions_without_correct']} questions had no correct trajectory; "
+                     f"rejected sides by kind {summary['gold_anchored']['rejected_by_kind']}")
     if summary["pairs"] and summary["by_type"]["quality"] == 0:
         lines.append(
             f"no quality pairs: among correct trajectories the largest reward gap was "

@@ -15,7 +15,7 @@ A trajectory cut off by `--max-new-tokens` is kept but marked `truncated` and ne
 counted correct.
 
 Output `rollouts.jsonl`: one line per question, in question order:
-    {"id", "question", "gold", "trajectories": [{"variant", "prompt", "full_text", "answer",
+    {"id", "question", "gold", "solution" (the reference), "trajectories": [{"variant", "prompt", "full_text", "answer",
      "num_tokens", "truncated", "correct", "quality", "length_penalty", "reward"}, ...]}
 plus `summary.json` (accuracy by variant, reward statistics, throughput).
 
@@ -213,7 +213,8 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
     try:
         for start in range(resumed, len(problems), config.chunk_size):
             chunk = problems[start:start + config.chunk_size]
-            chunk_records = [{"id": p.id, "question": p.question, "gold": p.gold, "trajectories": []} for p in chunk]
+            chunk_records = [{"id": p.id, "question": p.question, "gold": p.gold, "solution": p.answer,
+                              "trajectories": []} for p in chunk]
             for v_index, variant in enumerate(config.variants):
                 prompts = [build_prompt(p.question, variant, config.prompt_format, tokenizer) for p in chunk]
                 # + start: a question's seed is its position, whichever chunk it falls in.
