@@ -1,7 +1,7 @@
 """Shared fixtures: one tiny model and one small run of every phase, built once per test session.
 
 Tests that need a model reuse `tiny_model_dir` (a 4-layer Llama warmed up for a few
-dozen steps, ~20 s here); phase tests read the artifacts of `small_run`, which runs
+dozen steps, ~20 s on 2 CPU cores); phase tests read the artifacts of `small_run`, which runs
 the real phases in order on that model with small data, through the real CLI parser.
 """
 
