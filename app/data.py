@@ -22,6 +22,7 @@ counted, and the load fails past `max_reject_rate` instead of silently training 
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,14 +109,19 @@ def _reject(report: LoadReport, reason: str) -> None:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line raises naming file and line."""
     out = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{line_number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            except json.JSONDecodeError as exc:  # column of the line (exc.colno counts from a newline in it)
+                raise InputError(f"{path}:{line_number}: malformed JSON ({exc.msg} at column {exc.pos + 1})") from None
             if not isinstance(value, dict):
                 raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(value).__name__}")
             out.append((line_number, value))
@@ -139,10 +145,40 @@ def _jsonl_rows(spec: str) -> list[tuple[str, int, dict]]:
 
         path = local_copy(spec)
     else:
-        path = Path(spec)
-        if not path.exists():
-            raise InputError(f"{spec}: no such file")
+        path = local_file(spec)
     return [(spec, n, row) for n, row in read_jsonl(path)]
+
+
+def check_data_spec(spec: str, flag: str) -> None:
+    """Fail (exit 3) at once when a data spec names a JSONL file or object that is not there, or a
+    directory: called before any model or data loads. Hub and generated specs are checked on loading."""
+    from app.artifacts import is_s3, open_store
+
+    if not spec or spec.startswith(("synthetic", "hf:")):
+        return
+    if is_s3(spec):
+        backend, key = open_store(spec)
+        if not key or spec.endswith("/"):
+            raise InputError(f"{flag} {spec}: name a JSONL object (s3://bucket/path/file.jsonl), not a prefix")
+        if backend.size(key) is None:  # type: ignore[attr-defined]
+            raise InputError(f"{flag} {spec}: no such object")
+        return
+    try:
+        local_file(spec)
+    except InputError as exc:
+        raise InputError(f"{flag} {exc}") from None
+
+
+def local_file(spec: str) -> Path:
+    """The local JSONL file a spec names, or an InputError saying what it is instead."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise InputError(f"{spec}: is a directory; give a JSONL file (one problem per line)")
+    if not path.is_file():
+        raise InputError(f"{spec}: no such file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{spec}: not readable")
+    return path
 
 
 def _hub_rows(name: str, split: str) -> list[tuple[str, int, dict]]:

@@ -16,6 +16,7 @@ memory, the precision it is trained in) and fp32 on the CPU, where bf16 matmuls 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -34,12 +35,36 @@ def resolve_base_model(ref: str, store: str, run_id: str, log=print) -> tuple[st
             _publish_built(ref, uri, log)
         path, manifest = artifacts.fetch(uri)
         return str(path), artifacts.lineage_entry(uri, manifest)
-    if artifacts.is_s3(ref) or (Path(ref) / artifacts.MANIFEST).exists():
-        path, manifest = artifacts.fetch(ref)
+    local = Path(ref).expanduser()
+    if artifacts.is_s3(ref) or (local / artifacts.MANIFEST).exists():
+        path, manifest = artifacts.fetch(ref if artifacts.is_s3(ref) else str(local))
         return str(path), artifacts.lineage_entry(ref, manifest)
-    if Path(ref).exists():
-        return ref, {"path": str(Path(ref).resolve())}
+    if local.exists():
+        return str(local), {"path": str(local.resolve())}
     return ref, {"hub_id": ref}
+
+
+def check_base_model(ref: str) -> None:
+    """Fail (exit 3) at once when `--base-model` names a local directory or an s3:// artifact that is
+    not there, or something that is neither a path nor a hub id: before any model or data loads.
+    A path that looks local (/x, ./x, ../x, ~/x) is never taken for a hub id."""
+    if ref in BUILT_BASE_MODELS:
+        return
+    if artifacts.is_s3(ref):
+        if artifacts.read_manifest(ref) is None:
+            raise InputError(f"--base-model {ref}: not a published artifact (no {artifacts.MANIFEST} there)")
+        return
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not any((path / name).exists() for name in ("config.json", artifacts.MANIFEST)):
+            raise InputError(f"--base-model {ref}: no config.json in that directory; not a model")
+        return
+    if path.exists():
+        raise InputError(f"--base-model {ref}: not a directory; give a model directory or a hub id (org/name)")
+    if ref.startswith(("/", "./", "../", "~")) or ref in (".", ".."):
+        raise InputError(f"--base-model {ref}: no such directory")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", ref):
+        raise InputError(f"--base-model {ref!r}: neither a local directory nor a hub id (org/name)")
 
 
 def _publish_built(name: str, uri: str, log) -> None:

@@ -23,7 +23,7 @@ import pytest
 from app import artifacts, checkpoints
 from app.cli import main as cli_main
 from app.data import read_jsonl, synthetic_problems, write_jsonl
-from app.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_RETRYABLE
+from app.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_RETRYABLE, InputError
 from tests import preemption
 from tests.conftest import run_phase
 from tests.s3_server import moto_endpoint, s3  # noqa: F401  (pytest fixtures)
@@ -383,10 +383,10 @@ def test_rollouts_killed_after_a_chunk_resume_without_redoing_it(workspace, tiny
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line naming file, line and field, exit code 3, before any model loads.
-# `--base-model` names a directory that does not exist: had a model been loaded first, the
-# error would be about it instead.
+# `--base-model` names a hub model that does not exist (and HF_HUB_OFFLINE is set): had a model
+# been loaded first, the error would be about it instead.
 
-NO_MODEL = "/nonexistent/base-model"
+NO_MODEL = "no-such-org/no-such-model"
 
 
 def one_error_line(capsys) -> str:
@@ -707,3 +707,54 @@ def test_credentials_in_a_config_value_are_not_saved_in_the_manifest_or_the_log(
     assert artifacts.manifest_digest(artifacts.read_manifest(uri)) == artifacts.manifest_digest(manifest)
     out = capsys.readouterr().out
     assert "SECRET" not in out and "***@models.example.com" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that are not there, or not what they must be: one line, exit 3, before any model loads
+
+
+def not_utf8(path: Path) -> Path:
+    good = json.dumps(synthetic_problems(1)[0]) + "\n"
+    path.write_bytes(good.encode() + b'{"question": "caf\xe9?", "answer": "#### 1"}\n')  # Latin-1, not UTF-8
+    return path
+
+
+@pytest.mark.parametrize("phase,flag,make,message", [
+    ("sft", "--train-data", lambda d: d, "is a directory; give a JSONL file"),
+    ("rollouts", "--rollout-data", lambda d: d, "is a directory"),
+    ("eval", "--eval-data", lambda d: d, "is a directory"),
+    ("eval", "--eval-data", lambda d: d / "missing.jsonl", "missing.jsonl: no such file"),
+    ("sft", "--train-data", lambda d: not_utf8(d / "latin1.jsonl"), "latin1.jsonl:2: not UTF-8 text (byte 0xe9"),
+    ("sft", "--base-model", lambda d: "./no-such-model", "--base-model ./no-such-model: no such directory"),
+    ("sft", "--base-model", lambda d: d / "absent", "absent: no such directory"),
+    ("sft", "--base-model", lambda d: "~/no-such-model-here", "~/no-such-model-here: no such directory"),
+    ("dpo", "--base-model", lambda d: d, "no config.json in that directory"),
+    ("pipeline", "--eval-data", lambda d: d, "--eval-data"),
+])
+def test_missing_or_wrong_kind_of_input_is_one_line_and_exit_3_before_any_model_loads(tmp_path, capsys, phase, flag,
+                                                                                     make, message):
+    store = tmp_path / "store"
+    argv = [phase, "--store", str(store), "--run-id", "in", flag, str(make(tmp_path))]
+    assert cli_main(argv) == EXIT_INPUT
+    captured = capsys.readouterr()
+    assert message in one_error_line_of(captured.err)
+    assert "base model" not in captured.out  # nothing was loaded, and the demo model was not built
+    assert not (store / "runs" / "in" / "base").exists()
+
+
+def test_a_missing_s3_data_object_is_exit_3_before_any_model_loads(s3, capsys):  # noqa: F811
+    argv = ["sft", "--store", s3.store, "--run-id", "in", "--train-data", f"s3://{s3.bucket}/data/train.jsonl"]
+    assert cli_main(argv) == EXIT_INPUT
+    assert "train.jsonl: no such object" in one_error_line(capsys)
+    argv[-1] = f"s3://{s3.bucket}/data/"
+    assert cli_main(argv) == EXIT_INPUT
+    assert "not a prefix" in one_error_line(capsys)
+    argv[-2:] = ["--base-model", f"{s3.store}/models/absent"]
+    assert cli_main(argv) == EXIT_INPUT
+    assert "not a published artifact" in one_error_line(capsys)
+
+
+def test_malformed_json_names_the_column_where_the_line_breaks(tmp_path):
+    path = write_lines(tmp_path / "cut.jsonl", ['{"question": "q", "answer": "#### 1"}', '{"question": "q", "answer"'])
+    with pytest.raises(InputError, match=r"cut.jsonl:2: malformed JSON \(Expecting ':' delimiter at column 27\)"):
+        read_jsonl(path)

@@ -22,7 +22,7 @@ import typing
 from app import artifacts
 from app.config import RunConfig, option, require
 from app.log import banner, log
-from app.phases import PHASES
+from app.phases import PHASES, check_inputs
 
 PHASE_MODULES = {name: f"app.phases.{name}" for name in PHASES}
 
@@ -83,6 +83,8 @@ def main(config: Config) -> dict:
     banner(f"pipeline  run={config.run_id}  store={config.store}  phases={' -> '.join(config.phases())}")
     artifacts.check_store(config.store)
     configs = config.phase_configs()
+    for name in config.phases():  # a bad --eval-data fails now, not after hours of training
+        check_inputs(configs[name])
     timings: dict[str, dict] = {}
     started = time.time()
     for name in config.phases():
