@@ -56,9 +56,15 @@ class LoadReport:
         return text
 
 
+ACCEPT_UNMARKED_HELP = ("accept gold answers without GSM8K's '#### N' marker, taking the last number in the "
+                        "solution as the answer (and appending '#### N' to it); without this such rows are "
+                        "rejected and counted under --max-reject-rate")
+
+
 def load_problems(spec: str, split: str = "train", limit: int | None = None, max_reject_rate: float = 0.01,
-                  seed: int = 0) -> tuple[list[Problem], LoadReport]:
-    """Problems for a data spec (see the module docstring), in a stable order."""
+                  seed: int = 0, accept_unmarked: bool = False) -> tuple[list[Problem], LoadReport]:
+    """Problems for a data spec (see the module docstring), in a stable order. A gold answer must end
+    in '#### N'; `accept_unmarked` takes the last number of a solution without it instead."""
     if not spec:
         raise ConfigError("empty data spec")
     if spec.startswith("synthetic"):
@@ -67,7 +73,7 @@ def load_problems(spec: str, split: str = "train", limit: int | None = None, max
         rows, source = _hub_rows(spec[3:], split), spec
     else:
         rows, source = _jsonl_rows(spec), spec
-    problems, report = _to_problems(rows, source)
+    problems, report = _to_problems(rows, source, accept_unmarked)
     if report.rows == 0 or not problems:
         raise InputError(f"{source}: no usable rows (empty dataset)")
     if report.rejected / report.rows > max_reject_rate:
@@ -77,7 +83,8 @@ def load_problems(spec: str, split: str = "train", limit: int | None = None, max
     return problems, report
 
 
-def _to_problems(rows: list[tuple[str, int, dict]], source: str) -> tuple[list[Problem], LoadReport]:
+def _to_problems(rows: list[tuple[str, int, dict]], source: str,
+                 accept_unmarked: bool = False) -> tuple[list[Problem], LoadReport]:
     report = LoadReport(source=source, reasons={})
     problems = []
     for where, line_number, row in rows:
@@ -91,13 +98,19 @@ def _to_problems(rows: list[tuple[str, int, dict]], source: str) -> tuple[list[P
         if not row["question"].strip():
             _reject(report, "empty question")
             continue
-        gold = extract_answer(row["answer"], method="strict") or extract_answer(row["answer"])
+        answer = row["answer"].strip()
+        gold = extract_answer(answer, method="strict")
         if gold is None:
-            _reject(report, "gold answer does not parse")
-            continue
+            gold = extract_answer(answer)
+            if gold is None:
+                _reject(report, "gold answer does not parse")
+                continue
+            if not accept_unmarked:
+                _reject(report, "gold answer without '#### N'")
+                continue
+            answer = f"{answer}\n#### {gold}"
         problem_id = str(row.get("id", f"{Path(where).stem}-{line_number}"))
-        problems.append(Problem(id=problem_id, question=row["question"].strip(), answer=row["answer"].strip(),
-                                gold=gold))
+        problems.append(Problem(id=problem_id, question=row["question"].strip(), answer=answer, gold=gold))
     return problems, report
 
 

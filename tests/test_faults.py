@@ -22,10 +22,11 @@ import pytest
 
 from app import artifacts, checkpoints
 from app.cli import main as cli_main
+from app.cli import parse
 from app.data import read_jsonl, synthetic_problems, write_jsonl
 from app.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_RETRYABLE, InputError
 from tests import preemption
-from tests.conftest import run_phase
+from tests.conftest import SHARED_GSM8K, run_phase
 from tests.s3_server import moto_endpoint, s3  # noqa: F401  (pytest fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -758,3 +759,35 @@ def test_malformed_json_names_the_column_where_the_line_breaks(tmp_path):
     path = write_lines(tmp_path / "cut.jsonl", ['{"question": "q", "answer": "#### 1"}', '{"question": "q", "answer"'])
     with pytest.raises(InputError, match=r"cut.jsonl:2: malformed JSON \(Expecting ':' delimiter at column 27\)"):
         read_jsonl(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gold answers must carry GSM8K's '#### N' marker, unless an option says otherwise
+
+
+def test_a_gold_answer_without_the_marker_is_rejected_and_counted_unless_accepted(tmp_path, capsys):
+    from app.data import load_problems
+
+    rows = synthetic_problems(98, seed=5) + [{"question": "Ann has 2 pens and buys 3. How many?",
+                                              "answer": "Ann has 2 + 3 = 5 pens."}] * 2
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, rows)
+    argv = ["sft", "--store", str(tmp_path / "store"), "--train-data", str(data), "--base-model", NO_MODEL]
+    assert cli_main(argv) == EXIT_INPUT  # 2% rejected, 1% allowed: before any model loads
+    assert ("98 usable of 100 rows (2 rejected: gold answer without '#### N' x2); over the allowed reject rate"
+            in one_error_line(capsys))
+
+    problems, report = load_problems(str(data), accept_unmarked=True)
+    assert len(problems) == 100 and report.rejected == 0
+    assert problems[-1].gold == "5" and problems[-1].answer.endswith("5 pens.\n#### 5")
+    _, config = parse(["sft", "--accept-answer-without-marker"], environ={})
+    assert config.accept_answer_without_marker and "accept_answer_without_marker" in config.identity()
+
+
+@pytest.mark.skipif(not (SHARED_GSM8K / "train.jsonl").exists(), reason="no local copy of GSM8K")
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_shipped_gsm8k_row_carries_the_marker(split):
+    from app.data import load_problems
+
+    problems, report = load_problems(str(SHARED_GSM8K / f"{split}.jsonl"), split=split, max_reject_rate=0)
+    assert report.rejected == 0 and len(problems) == {"train": 7473, "test": 1319}[split]

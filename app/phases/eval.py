@@ -36,7 +36,7 @@ from pathlib import Path
 
 from app import artifacts
 from app.config import RunConfig, option, require
-from app.data import read_jsonl, write_jsonl
+from app.data import ACCEPT_UNMARKED_HELP, read_jsonl, write_jsonl
 from app.log import log
 from app.phases import begin
 from app.shards import default_shard_index, output_uri, shard_slice
@@ -59,6 +59,7 @@ class Config(RunConfig):
     num_shards: int = option(1, "split the questions into this many shards (one per Indexed Job pod)")
     shard_index: int = option(None, "which shard this process runs (default: $JOB_COMPLETION_INDEX or 0)")
     max_reject_rate: float = option(0.01, "fail if more than this share of a test set's rows is unusable")
+    accept_answer_without_marker: bool = option(False, ACCEPT_UNMARKED_HELP)
 
     def __post_init__(self):
         if self.shard_index is None:
@@ -114,7 +115,8 @@ def main(config: Config) -> dict | None:
     datasets = {}
     for name, spec in config.datasets().items():
         problems, report = load_problems(spec, split="test", limit=config.eval_limit or None,
-                                         max_reject_rate=config.max_reject_rate, seed=config.seed)
+                                         max_reject_rate=config.max_reject_rate, seed=config.seed,
+                                     accept_unmarked=config.accept_answer_without_marker)
         datasets[name] = shard_slice(problems, config.shard_index, config.num_shards)
         log(f"data {name}: {report.line()}; this shard evaluates {len(datasets[name])}")
 

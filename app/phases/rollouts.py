@@ -35,7 +35,7 @@ from pathlib import Path
 
 from app import artifacts
 from app.config import RunConfig, option, require
-from app.data import read_jsonl, write_jsonl
+from app.data import ACCEPT_UNMARKED_HELP, read_jsonl, write_jsonl
 from app.errors import StorageError
 from app.log import log
 from app.phases import begin
@@ -66,6 +66,7 @@ class Config(RunConfig):
     shard_index: int = option(None, "which shard this process runs (default: $JOB_COMPLETION_INDEX or 0)")
     chunk_size: int = option(512, "save progress every N questions; a restarted Job redoes at most one chunk")
     max_reject_rate: float = option(0.01, "fail if more than this share of the question rows is unusable")
+    accept_answer_without_marker: bool = option(False, ACCEPT_UNMARKED_HELP)
 
     def __post_init__(self):
         if self.shard_index is None:
@@ -113,7 +114,8 @@ def main(config: Config) -> dict | None:
 
     started = time.time()
     problems, report = load_problems(config.rollout_data, split="train", limit=config.rollout_limit or None,
-                                     max_reject_rate=config.max_reject_rate, seed=config.seed)
+                                     max_reject_rate=config.max_reject_rate, seed=config.seed,
+                                     accept_unmarked=config.accept_answer_without_marker)
     problems = shard_slice(problems, config.shard_index, config.num_shards)
     log(f"data: {report.line()}; this shard rolls out {len(problems)} questions "
         f"x {len(config.variants)} variants x {config.per_variant()} samples")

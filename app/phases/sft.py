@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from app import artifacts, checkpoints
 from app.config import RunConfig, option, require
+from app.data import ACCEPT_UNMARKED_HELP
 from app.log import log
 from app.phases import begin
 
@@ -51,6 +52,7 @@ class Config(RunConfig):
     max_seq_length: int = option(1024, "longest prompt+completion in tokens; longer rows are truncated")
     bf16: bool = option(True, "train in bf16 on GPUs (the CPU always uses fp32)")
     max_reject_rate: float = option(0.01, "fail if more than this share of training rows is unusable")
+    accept_answer_without_marker: bool = option(False, ACCEPT_UNMARKED_HELP)
     save_steps: int = option(100, "publish a resumable checkpoint every N optimizer steps (0 = never)")
 
     def validate(self) -> None:
@@ -81,7 +83,8 @@ def main(config: Config) -> dict | None:
     from app.data import load_problems
 
     problems, report = load_problems(config.train_data, split="train", limit=config.train_limit or None,
-                                     max_reject_rate=config.max_reject_rate, seed=config.seed)
+                                     max_reject_rate=config.max_reject_rate, seed=config.seed,
+                                     accept_unmarked=config.accept_answer_without_marker)
     log(f"data: {report.line()}; training on {len(problems)}")
 
     from accelerate import PartialState
