@@ -444,6 +444,7 @@ def bench_sft(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     from app.training import flops
     from app.training.data import tokenize_sft
     from app.training.distributed import world
+    from app.training.overrides import host_arguments
     from app.training.trainers import FastSFTTrainer
 
     examples = tokenize_sft(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows])
@@ -453,10 +454,10 @@ def bench_sft(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     n_lora = lora_param_count(lora_model(base, config, 0.0))
     base = _restore_base(base) if hasattr(base, "unload") else base
     # The sft phase's settings (app/phases/sft.py), with TRL's trainer class swapped for ours.
-    args = SFTConfig(per_device_train_batch_size=config.sft_batch_size, gradient_accumulation_steps=config.sft_grad_accum,
-                     max_steps=_our_steps(config), learning_rate=2e-4, lr_scheduler_type="cosine",
-                     warmup_steps=0.03, logging_steps=10**6, max_length=1024, completion_only_loss=True,
-                     gradient_checkpointing=False,
+    args = SFTConfig(per_device_train_batch_size=config.sft_batch_size * config.sft_grad_accum,
+                     gradient_accumulation_steps=1, max_steps=_our_steps(config), learning_rate=2e-4,
+                     lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=10**6, max_length=1024,
+                     completion_only_loss=True, gradient_checkpointing=False, **host_arguments(),
                      **_common_args(config, device, "bench-sft-", workers=2 if device.type == "cuda" else 0))
     trainer = FastSFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
@@ -486,8 +487,8 @@ def check_sft(base, examples, config: Config, device, log) -> dict:
     import torch
 
     from app.training.loss import logprobs_from_logits, reference_token_loss
-    from app.training.packing import pad
-    from app.training.trainers import PackingCollator, _fast, _packed_forward, unpack_batch
+    from app.training.packing import pad, unpack_batch
+    from app.training.trainers import PackingCollator, fast_path, packed_logits
 
     model = lora_model(base, config, 0.0)  # dropout off: both paths must see the same function
     torch.manual_seed(config.seed + 7)
@@ -516,8 +517,8 @@ def check_sft(base, examples, config: Config, device, log) -> dict:
     packed = unpack_batch({k: v.to(device) if torch.is_tensor(v) else v
                            for k, v in PackingCollator()(features).items()})
     targets = packed["shift_labels"][0].index_select(0, packed["target_index"])
-    with _fast(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logps = logprobs_from_logits(_packed_forward(model, packed), targets)
+    with fast_path(model), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logps = logprobs_from_logits(packed_logits(model, packed), targets)
     fast = -logps.sum() / targets.numel()
     fast.backward()
     num = sum(float((p.grad.float() - plain_grads[k]).norm() ** 2) for k, p in model.named_parameters()
@@ -584,6 +585,7 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     from app.training import flops
     from app.training.data import tokenize_pairs
     from app.training.distributed import world
+    from app.training.overrides import host_arguments
     from app.training.trainers import FastDPOTrainer
 
     pairs = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
@@ -596,16 +598,16 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     n_lora = lora_param_count(model)
     check = check_dpo(model, pairs, device, log, config.dpo_share_prompt) if config.check else {}
     # The dpo phase's settings (app/phases/dpo.py), with TRL's trainer class swapped for ours.
-    args = DPOConfig(per_device_train_batch_size=config.dpo_batch_size,
-                     gradient_accumulation_steps=config.dpo_grad_accum, max_steps=_our_steps(config),
-                     learning_rate=5e-6, lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=1024,
-                     logging_steps=10, logging_first_step=True, gradient_checkpointing=False,
+    args = DPOConfig(per_device_train_batch_size=config.dpo_batch_size * config.dpo_grad_accum,
+                     gradient_accumulation_steps=1, max_steps=_our_steps(config), learning_rate=5e-6,
+                     lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=1024, logging_steps=10,
+                     logging_first_step=True, gradient_checkpointing=False,
+                     precompute_ref_log_probs=config.precompute_reference, **host_arguments(),
                      **_common_args(config, device, "bench-dpo-", workers=2 if device.type == "cuda" else 0))
     reset_memory(device)
     started = _time.perf_counter()
     trainer = FastDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              compile=config.compile and device.type == "cuda",
-                             precompute_reference=config.precompute_reference,
                              cuda_graphs=config.dpo_graphs and device.type == "cuda",
                              graph_pad_multiple=config.graph_pad_multiple, share_prompt=config.dpo_share_prompt)
     setup_seconds = _time.perf_counter() - started
@@ -659,9 +661,9 @@ def _graph_window(trainer, start: int, end: int):
             self.at = {}
 
         def on_step_end(self, args, state, control, **kwargs):
-            graphs = getattr(trainer, "_graphs", None)
-            if graphs is not None and state.global_step in (start, end):
-                self.at[state.global_step] = graphs.stats.as_dict()
+            stats = trainer.running_graph_stats
+            if stats is not None and state.global_step in (start, end):
+                self.at[state.global_step] = stats.as_dict()
 
         def summary(self) -> dict:
             if trainer.graph_stats is None:
@@ -680,8 +682,8 @@ def check_dpo(model, pairs, device, log, share_prompt: bool = True) -> dict:
     plain padded path."""
     import torch
 
-    from app.training.packing import IGNORE, pad
-    from app.training.trainers import PairCollator, _fast, pair_sums, unpack_batch
+    from app.training.packing import IGNORE, pad, unpack_batch
+    from app.training.trainers import PairCollator, fast_path, pair_sums
 
     features = [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs[:2]]
     seqs = [s for p in pairs[:2] for s in p.sequences(1024)]
@@ -694,7 +696,7 @@ def check_dpo(model, pairs, device, log, share_prompt: bool = True) -> dict:
         plain = (logp * (labels != IGNORE)).sum(1)
         batch = unpack_batch({k: v.to(device) if torch.is_tensor(v) else v
                               for k, v in PairCollator(1024, share_prompt=share_prompt)(features).items()})
-        with _fast(model):
+        with fast_path(model):
             chosen, rejected = pair_sums(model, batch)
         fast = torch.stack([chosen, rejected], 1).reshape(-1)
     model.train()

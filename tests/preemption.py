@@ -26,7 +26,7 @@ KILLED_EXIT_CODE = 137
 
 def fingerprint_rows(inputs: dict) -> list[str]:
     """One fingerprint per training sequence, from a padded batch or a packed row (the fast trainers')."""
-    from app.training.trainers import unpack_batch
+    from app.training.packing import unpack_batch
 
     inputs = unpack_batch(inputs)
     if "packed_cu_seqlens" in inputs:

@@ -187,17 +187,23 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     from trl import DPOConfig
 
     from app.models import check_adapter_matches, load_causal_lm, load_tokenizer
+    from app.training.overrides import host_arguments
+    from app.training.trainers import FastDPOTrainer  # TRL's trainer, our step (docs/PERFORMANCE.md)
 
     check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
     tokenizer = load_tokenizer(base_path)
     base = load_causal_lm(base_path, bf16=config.bf16)
     model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
     on_gpu = torch.cuda.is_available()
+    # Batch x accumulation as one micro-batch (the same pairs per optimizer step, the loss averaged over
+    # them), which also lets the step replay as a CUDA graph. Not with the NLL term: TRL takes its token
+    # mean per micro-batch, and merging would reweight it.
+    merged = config.dpo_sft_weight == 0
     args = DPOConfig(
         output_dir=str(artifacts.trainer_dir("dpo", config.run_id)),
         num_train_epochs=config.dpo_epochs,
-        per_device_train_batch_size=config.dpo_batch_size,
-        gradient_accumulation_steps=config.dpo_grad_accum,
+        per_device_train_batch_size=config.dpo_batch_size * (config.dpo_grad_accum if merged else 1),
+        gradient_accumulation_steps=1 if merged else config.dpo_grad_accum,
         learning_rate=config.dpo_learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
@@ -219,8 +225,8 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         seed=config.seed,
         data_seed=config.seed,
         dataloader_num_workers=2 if on_gpu else 0,
+        **host_arguments(),  # the host never waits for the GPU inside a step (app/training/overrides.py)
     )
-    from app.training.trainers import FastDPOTrainer  # TRL's trainer, our step (docs/PERFORMANCE.md)
 
     trainer = FastDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                              processing_class=tokenizer, callbacks=callbacks)

@@ -143,6 +143,8 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
 
     from app.models import load_causal_lm, load_tokenizer, lora_config
     from app.prompts import build_prompt, sft_target
+    from app.training.overrides import host_arguments
+    from app.training.trainers import FastSFTTrainer
 
     tokenizer = load_tokenizer(base_path)
     model = load_causal_lm(base_path, bf16=config.bf16)
@@ -153,8 +155,10 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
     args = SFTConfig(
         output_dir=str(artifacts.trainer_dir("sft", config.run_id)),
         num_train_epochs=config.sft_epochs,
-        per_device_train_batch_size=config.sft_batch_size,
-        gradient_accumulation_steps=config.sft_grad_accum,
+        # Batch x accumulation as one micro-batch: the same examples per optimizer step (the sampler's
+        # order does not depend on the batch size), the same token-mean loss, fewer and larger steps.
+        per_device_train_batch_size=config.sft_batch_size * config.sft_grad_accum,
+        gradient_accumulation_steps=1,
         learning_rate=config.sft_learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.03,
@@ -173,9 +177,8 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
         dataloader_num_workers=2 if on_gpu else 0,
         disable_tqdm=False,
         logging_first_step=True,
+        **host_arguments(),  # the host never waits for the GPU inside a step (app/training/overrides.py)
     )
-    from app.training.trainers import FastSFTTrainer
-
     trainer = FastSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora_config(config.lora_r, config.lora_alpha, config.lora_dropout),
                              callbacks=callbacks)

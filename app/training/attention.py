@@ -22,6 +22,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from app.training.overrides import attention_implementation, packed_row_detection_off
+
 NAME = "packed_varlen"
 _registered = False
 
@@ -123,52 +125,11 @@ def register() -> str:
     return NAME
 
 
-def _configs(model):
-    seen = set()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and id(config) not in seen:
-            seen.add(id(config))
-            yield config
-
-
-def _no_packed_detection(position_ids):
-    return None
-
-
-@contextlib.contextmanager
-def _skip_packed_detection():
-    """Turn off transformers' detection of packed rows from position ids while we train packed.
-
-    Called at the start of every forward without an attention mask, it ends in a Python `if` on
-    a GPU tensor: the host waits for the GPU (it finishes the previous step's queue) before the
-    first layer can be launched. Our attention gets the boundaries as `cu_seqlens` and its mask
-    function returns nothing, so the detection has no use here.
-    """
-    from transformers import masking_utils
-
-    # Nested blocks each put back what they found, so the outermost restores transformers' own.
-    saved = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = _no_packed_detection
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = saved
-
-
 @contextlib.contextmanager
 def packed_attention(model):
     """Inside this block the model's attention layers run `packed_varlen`; restored after."""
-    register()
-    saved = [(config, config._attn_implementation) for config in _configs(model)]
-    try:
-        for config, _ in saved:
-            config._attn_implementation = NAME
-        with _skip_packed_detection():
-            yield model
-    finally:
-        for config, previous in saved:
-            config._attn_implementation = previous
+    with attention_implementation(model, register()), packed_row_detection_off():
+        yield model
 
 
 def uses_flash_varlen(device: torch.device | str) -> bool:

@@ -5,7 +5,7 @@ fp32, so under bf16 training each of the 7 adapted projections of each layer cas
 fp32, runs the two small matmuls, casts back and adds: about six extra passes over an
 activation-sized tensor per projection, and an fp32 copy of every input kept for backward.
 
-`fuse_lora(model)` swaps the forward of every PEFT LoRA `Linear` for one autograd function that
+`fused_lora(model)` swaps the forward of every PEFT LoRA `Linear` for one autograd function that
 computes the same thing with bf16 matmuls (the adapter's fp32 weights are cast once per call,
 as autocast would), adds the low-rank term into the base output in place (`addmm_`), and saves
 only its input (the same tensor the frozen base matmul saves), the (N, r) projection and, with
@@ -19,11 +19,10 @@ variants such as DoRA, a trainable base weight) keep PEFT's forward.
 
 from __future__ import annotations
 
-import contextlib
-import types
-
 import torch
 import torch.nn.functional as F
+
+from app.training.overrides import replaced_forwards
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -104,17 +103,6 @@ def lora_linears(model):
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
-@contextlib.contextmanager
 def fused_lora(model):
     """Inside this block every PEFT LoRA Linear of `model` runs the fused forward; restored after."""
-    # Re-entrant: a layer already fused by an outer block is left to that block to restore.
-    layers = [layer for layer in lora_linears(model) if "_unfused_forward" not in layer.__dict__]
-    for layer in layers:
-        layer._unfused_forward = layer.forward
-        layer.forward = types.MethodType(_fused_forward, layer)
-    try:
-        yield len(layers)
-    finally:
-        for layer in layers:
-            del layer.forward  # back to the class's forward
-            del layer._unfused_forward
+    return replaced_forwards(lora_linears(model), _fused_forward)

@@ -13,12 +13,12 @@ callbacks). What changes is how one step is computed:
 * the LM head runs only on positions that carry a loss (`logits_to_keep`), and the log-softmax
   runs in fp32 chunks whose backward is written straight into bf16 (`logprobs_from_logits`):
   no (tokens x vocab) fp32 tensor is ever kept;
-* gradient accumulation micro-steps are merged into one larger micro-batch (the same examples
+* the phases pass per-device batch x gradient accumulation as one micro-batch (the same examples
   per optimizer step, in the same order, the same normalisation: the update is the same);
 * DPO: the reference (TRL's frozen `ref` copy of the starting adapter) runs no-grad on the same
   packed row just before the policy, so at step 0 both are the same computation and the loss is
-  exactly ln 2, as with TRL; `precompute_reference=True` instead computes all reference log-probs
-  once, before training, in large rows (faster; step 0 then agrees only to bf16 rounding);
+  exactly ln 2, as with TRL; TRL's `precompute_ref_log_probs=True` instead computes all reference
+  log-probs once, before training, in large rows (faster; step 0 then agrees only to bf16 rounding);
 * DPO: each pair's prompt is computed once for both completions (`share_prompt`, `packing.pack_pairs`:
   ~22% fewer tokens at GSM8K lengths, every token still sees exactly what it sees alone);
 * DPO on CUDA: the step's forward and backward are captured as a CUDA graph per padded row
@@ -27,8 +27,12 @@ callbacks). What changes is how one step is computed:
 * `compile=True` (the default on CUDA) compiles each decoder layer with torch.compile: norms,
   rotary, SwiGLU and the LoRA glue fuse into few kernels (a minute or two of compilation first);
 * the host stays ahead of the GPU: no sync inside a step, the Trainer's per-step bookkeeping
-  without walking the model's ~10,000 modules (`_LeanHost`), and a batch crosses from the loader
-  workers as one tensor (`unpack_batch` gives the views back).
+  without walking the model's ~10,000 modules, and a batch crosses from the loader workers as one
+  tensor (`packing.flatten_batch`; `unpack_batch` gives the views back).
+
+Where this reaches into the libraries' internals (the Trainer's bookkeeping, TRL's reference pass
+and metrics, accelerate's DDP wrapping, the TrainingArguments the phases pass) is `overrides.py`,
+which lists each override, what it buys and the test that guards it.
 
 The loss is TRL's: SFT, the mean over the completion tokens of the optimizer step (across
 ranks); DPO, the sigmoid loss averaged over the step's pairs, with TRL's reward metrics logged,
@@ -38,11 +42,8 @@ so the dpo phase's step-0 check (loss ln 2, margin 0) reads them as before.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
-from accelerate.utils import DistributedType
-from transformers import TrainerCallback
 from trl import DPOTrainer, SFTTrainer
 
 from app.log import log as _log
@@ -51,59 +52,19 @@ from app.training.attention import packed_attention, uses_flash_varlen
 from app.training.data import Pair
 from app.training.lora import fused_lora
 from app.training.loss import dpo_sigmoid_loss, logprobs_from_logits
-from app.training.packing import IGNORE, Sequence, pack, pack_padded, pack_pairs
+from app.training.overrides import (PLAIN_DISTRIBUTED, DPOTrainerOverrides, TrainerOverrides, compiled_layers,
+                                    without_ddp_wrapper)
+from app.training.packing import IGNORE, Sequence, flatten_batch, pack, pack_padded, pack_pairs, unpack_batch
 
 # CUDA graphs replay fixed shapes: padded rows are a multiple of this many tokens (~16 shapes, ~3% padding
 # for a GSM8K DPO run of 4 pairs per step).
 GRAPH_PAD_MULTIPLE = 128
-# One process or DDP: the model and its parameters are plain (DeepSpeed and FSDP have their own).
-_PLAIN_DISTRIBUTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
-
-
-def _keep_host_ahead(args) -> None:
-    """Settings under which the host never waits for the GPU inside a training step.
-
-    Each wait drains the GPU's queue, and the next kernels then wait for Python: two things the
-    HF Trainer does by default cause one per step. The NaN/Inf filter on the logged loss reads
-    the loss back every step; and accelerate copies each batch to the GPU with a blocking copy,
-    which waits for the previous step's kernels to finish. Batches are pinned and copied
-    asynchronously instead (the caching host allocator keeps a pinned buffer alive until its copy
-    has run). Neither changes the update.
-    """
-    args.logging_nan_inf_filter = False
-    args.dataloader_pin_memory = True
-    if args.accelerator_config is not None and hasattr(args.accelerator_config, "non_blocking"):
-        args.accelerator_config.non_blocking = True
-
-
-def _no_unused_parameter_search(args) -> None:
-    """Tell DDP every trainable parameter gets a gradient each step (the LoRA adapter always does).
-
-    The HF Trainer turns DDP's `find_unused_parameters` on whenever gradient checkpointing is off,
-    which makes DDP walk the autograd graph after every forward: host time, in steps the host
-    already bounds. Left alone when the user set it.
-    """
-    if args.ddp_find_unused_parameters is None:
-        args.ddp_find_unused_parameters = False
-
-
-def _merge_accumulation(args) -> None:
-    """Per-device batch x accumulation -> one micro-batch: the same examples per optimizer step.
-
-    The sampler's permutation does not depend on the batch size, so optimizer step k sees the
-    same examples as before, and the losses below are normalised over the whole step.
-    """
-    if args.gradient_accumulation_steps > 1:
-        args.per_device_train_batch_size *= args.gradient_accumulation_steps
-        args.gradient_accumulation_steps = 1
-
-
 _SHARED_PROMPT_KEYS = ("packed_kv_index", "packed_cu_seqlens_k", "packed_max_seqlen_k")
 
 
-def _packed_forward(model, batch: dict) -> torch.Tensor:
+def packed_logits(model, batch: dict) -> torch.Tensor:
     """Logits (M, V) at the positions that carry a loss, from one packed row."""
     shared = {k: batch[k] for k in _SHARED_PROMPT_KEYS if k in batch}  # `pack_pairs`: gathered keys per segment
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -122,36 +83,9 @@ def _collate(sequences: list[Sequence]) -> dict:
             "labels": targets, "shift_labels": targets}
 
 
-def _flatten(batch: dict, keep: tuple[str, ...] = ()) -> dict:
-    """The batch's integer tensors (but `keep`) as one tensor: `unpack_batch` gives them back as views.
-
-    Each tensor a loader worker hands to the training process costs that process a socket
-    handshake with the worker (to receive the tensor's shared-memory file descriptor), and the
-    worker answers only when its GIL is free from packing the next batch: a few ms per tensor,
-    measured on the H100's host, in steps the host bounds. One tensor is one handshake.
-    """
-    keys = [k for k, v in batch.items() if torch.is_tensor(v) and k not in keep
-            and v.dtype in (torch.int64, torch.int32)]
-    batch["flat_layout"] = tuple((k, tuple(batch[k].shape), batch[k].dtype == torch.int32) for k in keys)
-    batch["flat"] = torch.cat([batch.pop(k).reshape(-1).long() for k in keys])
-    return batch
-
-
-def unpack_batch(inputs: dict) -> dict:
-    """A batch from the fast trainers' collators with its tensors back under their names (views of the
-    one tensor, but the int32 boundaries, which are a small copy)."""
-    if "flat" not in inputs:
-        return inputs
-    out = {k: v for k, v in inputs.items() if k not in ("flat", "flat_layout")}
-    layout = inputs["flat_layout"]
-    for (key, shape, int32), part in zip(layout, inputs["flat"].split([math.prod(s) for _, s, _ in layout])):
-        part = part.view(shape)
-        out[key] = part.int() if int32 else part
-    return out
-
-
 @contextlib.contextmanager
-def _fast(model, compile: bool = False):
+def fast_path(model, compile: bool = False):
+    """Packed attention and fused LoRA (and, with `compile`, compiled layers) inside this block."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(packed_attention(model))
         stack.enter_context(fused_lora(model))
@@ -160,145 +94,29 @@ def _fast(model, compile: bool = False):
         yield
 
 
-@contextlib.contextmanager
-def compiled_layers(model):
-    """Compile each decoder layer (the norms, rotary, SwiGLU and LoRA glue fuse into few kernels).
-
-    Layers share code, so the compiled graph is reused across them; the first steps pay the
-    compilation (a minute or two for a 7B model).
-    """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = list(getattr(lm, lm.base_model_prefix).layers)
-    for layer in layers:
-        layer.compile(dynamic=True)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer._compiled_call_impl = None
-
-
 def _default_compile() -> bool:
     return torch.cuda.is_available()
 
 
-class _LeanLoopModel(TrainerCallback):
-    """During training, the loop model's per-step `train()` and `zero_grad()` without walking every module.
+class _FastStep(TrainerOverrides):
+    """What both fast trainers share: the fast path in place for the whole of `train()`."""
 
-    The HF Trainer calls `model.train()` before and `model.zero_grad()` after every step; each
-    visits all ~10,000 modules of a PEFT 7B. Here training begins with one full `train()` (a model
-    from `from_pretrained` starts in eval mode under a PEFT wrapper that does not), later calls are
-    skipped while the model is still in training mode (any `eval()` of it in between, e.g. an
-    evaluation, makes the next one walk again), and `zero_grad()` drops the gradients of the
-    trainable parameters, the only ones that get any. One process or DDP only: DeepSpeed and FSDP
-    engines keep their own methods. `_LeanHost._train_fast` takes the shortcuts off when `train()`
-    returns or raises.
-    """
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.patched = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer.accelerator.distributed_type not in _PLAIN_DISTRIBUTED:
-            return
-        loop_model, top = self.trainer.model_wrapped, self.trainer.model
-        trainable = self.trainer._trainable(refresh=True)
-        full_train, full_zero_grad = type(loop_model).train, type(loop_model).zero_grad
-        full_train(loop_model, True)
-
-        def train(mode: bool = True):
-            if not (mode and loop_model.training and top.training):
-                full_train(loop_model, mode)
-            return loop_model
-
-        def zero_grad(set_to_none: bool = True):
-            if not set_to_none:
-                return full_zero_grad(loop_model, set_to_none)
-            for param in trainable:
-                param.grad = None
-
-        loop_model.train, loop_model.zero_grad = train, zero_grad
-        self.patched = loop_model
-
-    def restore(self) -> None:
-        if self.patched is not None:
-            del self.patched.train, self.patched.zero_grad
-            self.patched = None
-
-
-def _input_ids_numel(inputs: dict) -> int | None:
-    if "input_ids" in inputs:
-        return inputs["input_ids"].numel()
-    for key, shape, _ in inputs.get("flat_layout", ()):
-        if key == "input_ids":
-            return math.prod(shape)
-    return None
-
-
-class _LeanHost:
-    """The HF Trainer's per-step bookkeeping without its walks over every module.
-
-    A PEFT model of the 7B shape has ~10,000 modules (each LoRA projection brings its dicts of
-    adapters and dropouts), and every step the Trainer and our fast path walked them about seven
-    times: `model.train()`, `model.zero_grad()`, the parameters to clip, the parameter count behind
-    the Trainer's FLOP estimate, accelerate's unwrapping and our re-entered fast-path blocks.
-    On the H100's host, DPO steps are host-bound, and these walks were ~230 ms of a ~460 ms step
-    under cProfile; done once instead (with one-tensor batches), the same machine's DPO step went
-    from ~371 to ~280 ms (10.78 -> 14.31 pairs/s). The update is unchanged.
-    """
-
-    def _lean_init(self) -> None:
-        self._lean_parameters = None
-        self._lean_num_parameters = None
+    def _init_fast(self, counts_items: bool = False) -> None:
         self._fast_on = False  # inside train(): the fast path is already in place
-        self._unwrapped_for = (None, None)
-        self._lean_loop = _LeanLoopModel(self)
-        self.add_callback(self._lean_loop)
-
-    def _trainable(self, refresh: bool = False) -> list:
-        if refresh or self._lean_parameters is None:  # refreshed at each train(): adapters may have changed
-            self._lean_parameters = [p for p in self.model.parameters() if p.requires_grad]
-            self._lean_num_parameters = None
-        return self._lean_parameters
-
-    def _unwrap(self, model):
-        if self._unwrapped_for[0] is not model:
-            self._unwrapped_for = (model, self.accelerator.unwrap_model(model))
-        return self._unwrapped_for[1]
+        self.setup_overrides(counts_items)
 
     def _fast_step(self, model):
         """The fast path for one compute_loss: already in place inside train(), entered for evaluate()."""
-        return contextlib.nullcontext() if self._fast_on else _fast(self._unwrap(model))
+        return contextlib.nullcontext() if self._fast_on else fast_path(self.unwrapped(model))
 
     def _train_fast(self, *args, **kwargs):
-        with _fast(self.model, self._compile):
+        with fast_path(self.model, self._compile):
             self._fast_on = True
             try:
                 return super().train(*args, **kwargs)
             finally:
                 self._fast_on = False
-                self._lean_loop.restore()  # also when training raised
-
-    def floating_point_ops(self, inputs) -> int:
-        # The Trainer's estimate (6 x input tokens x non-embedding parameters), the count made once.
-        numel = _input_ids_numel(inputs)
-        if numel is None or not hasattr(self.model, "num_parameters"):
-            return 0
-        if self._lean_num_parameters is None:
-            self._lean_num_parameters = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * numel * self._lean_num_parameters
-
-    def _track_num_input_tokens(self, inputs):
-        if self.args.include_num_input_tokens_seen == "no":  # the default: no unpacking every step for nothing
-            return None
-        return super()._track_num_input_tokens(unpack_batch(inputs))
-
-    def _clip_grad_norm(self, model):
-        # One process or DDP: the norm over the parameters that have gradients, as the Trainer's.
-        if self.accelerator.distributed_type in _PLAIN_DISTRIBUTED:
-            return self.accelerator.clip_grad_norm_(self._trainable(), self.args.max_grad_norm)
-        return super()._clip_grad_norm(model)
+                self.restore_overrides()  # also when training raised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,26 +129,20 @@ class PackingCollator:
     def __call__(self, features: list[dict]) -> dict:
         batch = _collate([Sequence(list(f["input_ids"]), [int(label != IGNORE) for label in f["labels"]])
                           for f in features])
-        return _flatten(batch, keep=("labels", "shift_labels"))  # the HF Trainer reads these before our step
+        return flatten_batch(batch, keep=("labels", "shift_labels"))  # the HF Trainer reads these before our step
 
 
-class FastSFTTrainer(_LeanHost, SFTTrainer):
+class FastSFTTrainer(_FastStep, SFTTrainer):
     """TRL's SFTTrainer (prompt-completion data, completion-only loss) with the fast step."""
 
-    def __init__(self, *args, merge_accumulation: bool = True, compile: bool | None = None, **kwargs):
+    def __init__(self, *args, compile: bool | None = None, **kwargs):
         self._compile = _default_compile() if compile is None else compile
         args_ = kwargs.get("args")
-        if args_ is not None and merge_accumulation:
-            _merge_accumulation(args_)
         if args_ is not None and getattr(args_, "padding_free", False):
             raise ValueError("FastSFTTrainer packs by itself; leave padding_free off")
-        if args_ is not None:
-            _keep_host_ahead(args_)
-            _no_unused_parameter_search(args_)
         kwargs.setdefault("data_collator", PackingCollator())
         super().__init__(*args, **kwargs)
-        self._lean_init()
-        self.model_accepts_loss_kwargs = True  # count target tokens per optimizer step (`num_items_in_batch`)
+        self._init_fast(counts_items=True)  # the loss: over the step's target tokens
         self.tokens_seen = 0  # real tokens through forward+backward on this rank (the bench reads it)
 
     def train(self, *args, **kwargs):
@@ -341,7 +153,7 @@ class FastSFTTrainer(_LeanHost, SFTTrainer):
         targets = inputs["shift_labels"][0].index_select(0, inputs["target_index"])
         self.tokens_seen += inputs["num_real_tokens"]
         with self._fast_step(model):  # also outside train() (evaluate)
-            logps = logprobs_from_logits(_packed_forward(model, inputs), targets)
+            logps = logprobs_from_logits(packed_logits(model, inputs), targets)
         count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
         loss = -logps.sum() / torch.as_tensor(count, device=logps.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -387,7 +199,7 @@ class PairCollator:
             batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
             batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features],
                                                        dtype=torch.float32)
-        return _flatten(batch)
+        return flatten_batch(batch)
 
 
 def pair_sums(model, batch: dict, token_logps: bool = False):
@@ -400,7 +212,7 @@ def pair_sums(model, batch: dict, token_logps: bool = False):
         targets, owner = batch["target_ids"], batch["target_owner"]
     else:
         targets, owner = batch["targets"].index_select(0, index), batch["seq_index"].index_select(0, index)
-    logps = logprobs_from_logits(_packed_forward(model, batch), targets)
+    logps = logprobs_from_logits(packed_logits(model, batch), targets)
     sums = torch.zeros(batch["num_sequences"], dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
     n = 2 * batch.get("num_pairs", batch["num_sequences"] // 2)
     if token_logps:
@@ -460,11 +272,11 @@ class _AdapterSwap:
         return False
 
 
-class FastDPOTrainer(_LeanHost, DPOTrainer):
+class FastDPOTrainer(DPOTrainerOverrides, _FastStep, DPOTrainer):
     """TRL's DPOTrainer (sigmoid loss, PEFT policy whose start is the reference) with the fast step."""
 
-    def __init__(self, *args, merge_accumulation: bool = True, precompute_reference: bool = False,
-                 compile: bool | None = None, reference_max_tokens: int = 16384, cuda_graphs: bool | None = None,
+    def __init__(self, *args, compile: bool | None = None, reference_max_tokens: int = 16384,
+                 cuda_graphs: bool | None = None,
                  graph_pad_multiple: int = GRAPH_PAD_MULTIPLE, share_prompt: bool = True, **kwargs):
         args_ = kwargs.get("args")
         if args_ is None:
@@ -476,13 +288,6 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
                 or getattr(args_, "use_weighting", False):
             raise ValueError(f"FastDPOTrainer implements TRL's sigmoid loss (optionally plus its 'sft' term) only; "
                              f"got loss_type={args_.loss_type}")
-        # TRL's 'sft' term is a token mean per micro-batch: merging micro-batches would reweight it.
-        if merge_accumulation and "sft" not in self._loss_weights:
-            _merge_accumulation(args_)
-        if precompute_reference:
-            args_.precompute_ref_log_probs = True
-        _keep_host_ahead(args_)
-        _no_unused_parameter_search(args_)
         self.tokens_seen = 0
         self._pending_metrics = {"train": [], "eval": []}
         self._compile = _default_compile() if compile is None else compile
@@ -499,17 +304,22 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         if self.ref_model is not None:
             raise ValueError("FastDPOTrainer expects a PEFT policy whose starting adapter is the reference "
                              "(TRL's `ref` adapter copy), not a separate reference model")
-        self._lean_init()
+        self._init_fast()
         self.graphs_off_reason = self._why_no_graphs() if wants_graphs else "turned off"
         if self.graphs_off_reason and isinstance(self.data_collator, PairCollator):
             self.data_collator.pad_multiple = None  # no graphs: no padding either
+
+    @property
+    def running_graph_stats(self):
+        """The GraphStats of the train() under way (None before its first step on the graph path)."""
+        return self._graphs.stats if self._graphs is not None else None
 
     def _why_no_graphs(self) -> str | None:
         """Why this trainer's steps cannot be CUDA graphs, or None (`graphs.py` says what a graph needs)."""
         args = self.args
         if args.gradient_accumulation_steps != 1:
-            return "gradient accumulation that is not merged (the 'sft' loss term): a graph's gradients are not summed"
-        if self.accelerator.distributed_type not in _PLAIN_DISTRIBUTED or args.n_gpu > 1:
+            return "gradient accumulation: a graph's gradients are not summed over micro-batches"
+        if self.accelerator.distributed_type not in PLAIN_DISTRIBUTED or args.n_gpu > 1:
             return f"{self.accelerator.distributed_type} training"
         if args.fp16 or getattr(args, "activation_offloading", False) or args.gradient_checkpointing:
             return "fp16 loss scaling, activation offloading or gradient checkpointing"
@@ -523,18 +333,13 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
     def train(self, *args, **kwargs):
         if self.graphs_off_reason and self.graphs_off_reason != "turned off" and torch.cuda.is_available():
             _log(f"cuda graphs off: {self.graphs_off_reason}")
+        # The graph path all-reduces the adapter's gradients itself, and a DDP wrapper would make
+        # every capture fail (`graphs.py`): accelerate prepares the model without it.
         without_ddp = not self.graphs_off_reason and self.accelerator.num_processes > 1
-        if without_ddp:
-            # The graph path all-reduces the adapter's gradients itself, and a DDP wrapper would make
-            # every capture fail (`graphs.py`): the Trainer's accelerate prepares the model without it.
-            prepare_model = self.accelerator.prepare_model
-            self.accelerator.prepare_model = lambda model, device_placement=None, evaluation_mode=False: \
-                prepare_model(model, device_placement=device_placement, evaluation_mode=True)
         try:
-            return self._train_fast(*args, **kwargs)
+            with without_ddp_wrapper(self.accelerator, active=without_ddp):
+                return self._train_fast(*args, **kwargs)
         finally:
-            if without_ddp:
-                del self.accelerator.prepare_model
             if self._graphs is not None:
                 self.graph_stats = self._graphs.stats
                 log_graph_stats(self.graph_stats)
@@ -555,12 +360,12 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         self.tokens_seen += inputs["num_real_tokens"]
-        unwrapped = self._unwrap(model)
+        unwrapped = self.unwrapped(model)
         if self._graphs is None:
             from app.training.graphs import StepGraphs
 
-            distributed.broadcast_params(self._trainable())  # as DDP would have, when it wrapped the model
-            self._graphs = StepGraphs(self._trainable(), capture=self.args.device.type == "cuda", log=_log)
+            distributed.broadcast_params(self.trainable_parameters())  # as DDP would have, when it wrapped the model
+            self._graphs = StepGraphs(self.trainable_parameters(), capture=self.args.device.type == "cuda", log=_log)
 
         def loss_fn(batch):
             # As the eager path: the mixed precision is accelerate's autocast around each forward, which
@@ -570,7 +375,7 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
 
         step_inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
         loss, per_pair = self._graphs.step(graph_key(step_inputs), step_inputs, loss_fn)
-        distributed.all_reduce_grads(self._trainable(), average=True)
+        distributed.all_reduce_grads(self.trainable_parameters(), average=True)
         self._pending_metrics["train"].append(self.accelerator.gather(per_pair).mean(0))
         if self.args.torch_empty_cache_steps is not None and self.state.global_step % self.args.torch_empty_cache_steps == 0:
             torch.cuda.empty_cache()
@@ -590,7 +395,7 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         from trl.trainer.utils import use_adapter
 
-        unwrapped = self._unwrap(model)
+        unwrapped = self.unwrapped(model)
         name = "ref" if "ref" in unwrapped.peft_config else None  # None: adapters off, the base is the reference
         if self._compile and name:
             if self._swap is None:
@@ -603,8 +408,9 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         return chosen.detach(), rejected.detach()
 
     @torch.no_grad()
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        """Reference log-probs of every pair, from the policy as it starts, in large packed no-grad rows.
+    def reference_logps(self, dataset):
+        """`dataset` with the reference log-probs of every pair (`precompute_ref_log_probs=True`), from the
+        policy as it starts, in large packed no-grad rows (overrides.py, item 14).
 
         Each rank computes every world_size-th pair; one all-reduce shares them.
         """
@@ -624,7 +430,7 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         budget = self._reference_max_tokens if uses_flash_varlen(device) else 2048
         was_training = model.training
         model.eval()
-        with _fast(model):
+        with fast_path(model):
             start = 0
             while start < len(mine):
                 group, used = [], 0
@@ -676,12 +482,12 @@ class FastDPOTrainer(_LeanHost, DPOTrainer):
         self._pending_metrics[mode].append(self.accelerator.gather(per_pair).mean(0))
         return (loss, None) if return_outputs else loss
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # One read-back for all the steps since the last log.
+    def read_metrics(self) -> dict[str, dict[str, list[float]]]:
+        """The metrics of the steps since the last log, read back from the device at once (overrides.py, item 15)."""
+        out = {}
         for mode, pending in self._pending_metrics.items():
             if pending:
-                for row in torch.stack(pending).tolist():
-                    for name, value in zip(DPO_METRICS, row):
-                        self._metrics[mode][name].append(value)
+                rows = torch.stack(pending).t().tolist()
+                out[mode] = dict(zip(DPO_METRICS, rows))
                 pending.clear()
-        super().log(logs, start_time)
+        return out

@@ -19,6 +19,7 @@ def main(phase: str, out: str, batch: int) -> None:
 
     from app import bench
     from app.models import lora_config
+    from app.training.overrides import host_arguments
     from app.training.trainers import FastDPOTrainer, FastSFTTrainer
     from tests.training.conftest import lora
 
@@ -28,7 +29,7 @@ def main(phase: str, out: str, batch: int) -> None:
     rows = bench.texts(config, base.config.vocab_size)
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, learning_rate=1e-2,
                   logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0,
-                  data_seed=0, disable_tqdm=True)
+                  data_seed=0, disable_tqdm=True, **host_arguments())  # as the phases build their arguments
     if phase == "sft":
         trainer = FastSFTTrainer(model=base, args=SFTConfig(max_steps=2, **common), processing_class=tokenizer,
                                  peft_config=lora_config(8, 16, 0.0),

@@ -1,7 +1,8 @@
 """FastSFTTrainer / FastDPOTrainer must learn what TRL's trainers learn: same losses, step by step.
 
-Tiny Mistral on the CPU in fp32, so the two paths agree to rounding. Accumulation is on (the
-fast trainers merge it into one micro-batch), dropout off (random masks would differ).
+Tiny Mistral on the CPU in fp32, so the two paths agree to rounding. TRL's trainers accumulate
+two micro-batches per step; ours get them as one micro-batch with the phases' settings
+(`_as_the_phases_run`), dropout off (random masks would differ).
 """
 
 import math
@@ -24,6 +25,18 @@ def _restore(trainer):
     bench._restore_base(trainer.model)
 
 
+def _as_the_phases_run(cls, batch: int, accum: int, merge: bool = True) -> dict:
+    """TRL's trainers: batch x accum as given; ours as app/phases/sft.py and dpo.py build their
+    arguments: merged into one micro-batch (unless `merge` is off) and the host settings."""
+    from app.training.overrides import host_arguments
+
+    if not cls.__name__.startswith("Fast"):
+        return dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accum)
+    if merge:
+        batch, accum = batch * accum, 1
+    return dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accum, **host_arguments())
+
+
 def _sft_losses(cls, base, tokenizer, rows):
     from datasets import Dataset
     from trl import SFTConfig
@@ -31,8 +44,8 @@ def _sft_losses(cls, base, tokenizer, rows):
     from app.models import lora_config
 
     torch.manual_seed(0)
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                     max_steps=3, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), **_as_the_phases_run(cls, 4, 2), max_steps=3,
+                     learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
                      use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, disable_tqdm=True,
                      completion_only_loss=True)
     trainer = cls(model=base, args=args, processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0),
@@ -121,7 +134,8 @@ def test_fast_trainer_takes_its_shortcuts_off_the_model_when_training_fails(tiny
 
 def test_packed_batches_cross_from_the_loader_as_one_tensor(tiny, rows):
     from app.training.data import tokenize_pairs
-    from app.training.trainers import PackingCollator, PairCollator, _collate, unpack_batch
+    from app.training.packing import unpack_batch
+    from app.training.trainers import PackingCollator, PairCollator, _collate
 
     _, tokenizer, _ = tiny
     pairs = tokenize_pairs(tokenizer, [r["prompt"] for r in rows[:3]], [r["completion"] for r in rows[:3]],
@@ -151,7 +165,8 @@ def _dpo_trainer(cls, base, tokenizer, rows, steps: int = 2, trainer_kwargs=None
 
     model = lora(base, r=8, b_std=0.05, seed=1)  # stands in for a trained SFT adapter
     torch.manual_seed(0)
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+    merge = "sft" not in extra.get("loss_type", ())  # as the dpo phase: TRL's 'sft' term keeps the micro-batches
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), **_as_the_phases_run(cls, 2, 2, merge),
                      max_steps=steps, learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
                      use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, disable_tqdm=True, **extra)
     return cls(model=model, args=args, processing_class=tokenizer, **(trainer_kwargs or {}),
@@ -269,7 +284,8 @@ def test_fast_dpo_trainer_says_why_it_runs_without_graphs(tiny, rows):
 def test_pair_sums_are_the_same_in_every_row_layout(tiny, rows):
     """Separate sequences, each prompt once (`pack_pairs`), and both padded for graphs: the same log-probs."""
     from app.training.data import tokenize_pairs
-    from app.training.trainers import PairCollator, _fast, pair_sums, unpack_batch
+    from app.training.packing import unpack_batch
+    from app.training.trainers import PairCollator, fast_path, pair_sums
     from tests.training.conftest import lora
 
     base, tokenizer, _ = tiny
@@ -283,7 +299,7 @@ def test_pair_sums_are_the_same_in_every_row_layout(tiny, rows):
                            "padded": PairCollator(200, 128),
                            "shared and padded": PairCollator(200, 128, share_prompt=True)}.items():
         batch = unpack_batch(collator(features))
-        with torch.no_grad(), _fast(model):
+        with torch.no_grad(), fast_path(model):
             sums[name] = torch.stack(pair_sums(model, batch))
         assert sums[name].shape == (2, 3)
     for name, value in sums.items():
@@ -297,10 +313,10 @@ def test_step_graphs_take_precomputed_reference_log_probs_as_inputs(tiny, rows):
     from app.training.trainers import FastDPOTrainer
 
     base, tokenizer, _ = tiny
-    eager = _dpo_log(FastDPOTrainer, base, tokenizer, rows, steps=3, trainer_kwargs={"precompute_reference": True})
+    eager = _dpo_log(FastDPOTrainer, base, tokenizer, rows, steps=3, precompute_ref_log_probs=True)
     trainer = _dpo_trainer(FastDPOTrainer, base, tokenizer, rows, steps=3,
-                           trainer_kwargs={"precompute_reference": True, "cuda_graphs": True,
-                                           "graph_pad_multiple": 4096})
+                           trainer_kwargs={"cuda_graphs": True, "graph_pad_multiple": 4096},
+                           precompute_ref_log_probs=True)
     trainer.train()
     graphed = [h for h in trainer.state.log_history if "loss" in h]
     stats = trainer.graph_stats
