@@ -40,6 +40,20 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# Variables whose meaning changed: refused, so an old ConfigMap cannot silently mean something else.
+RETIRED_ENV = {"PIPELINE_N_SAMPLES": ("samples_per_question", "set PIPELINE_SAMPLES_PER_QUESTION (trajectories per "
+                                      "question), or PIPELINE_ROLLOUT_LIMIT (the number of questions, as --n-samples)")}
+
+
+def dashed(arg: str) -> str:
+    """`--foo_bar[=v]` -> `--foo-bar[=v]`: every flag also takes the underscore spelling (TRL's, the
+    reference guide's). Values are left alone."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
@@ -109,8 +123,11 @@ def build_config(config_cls: type, argv: list[str], prog: str = "app", environ: 
                  description: str | None = None):
     """Parse `argv` plus the environment into a `config_cls` instance and validate it."""
     environ = os.environ if environ is None else environ
+    for name, instead in RETIRED_ENV.items():
+        if name in environ and instead[0] in {f.name for f in dataclasses.fields(config_cls)}:
+            raise ConfigError(f"{name} is no longer read: {instead[1]}")
     parser = build_parser(config_cls, prog, description)
-    given = vars(parser.parse_args(argv))
+    given = vars(parser.parse_args([dashed(arg) for arg in argv]))
     hints = _field_types(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
 
@@ -179,10 +196,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(usage())
         return 0
+    if _under_accelerate_launch():
+        if int(os.environ.get("RANK", "0")) == 0:
+            warn(f"error: accelerate launch reports every failure as exit 1, so a Job would retry bad config and "
+                 f"bad data as if they were crashes; run the same processes with the exit codes kept: python -m "
+                 f"app.launch --nproc-per-node {os.environ.get('WORLD_SIZE', '1')} {' '.join(argv)}")
+        return EXIT_CONFIG
     try:
         return _run(argv)
     finally:
         _leave_process_group()
+
+
+def _under_accelerate_launch() -> bool:
+    """`accelerate launch -m app ...`: its launcher turns any non-zero exit of ours into 1 (and a
+    traceback), which Kubernetes retries. app/launch.py, which keeps the codes, sets the code file."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ and "PIPELINE_EXIT_CODE_FILE" not in os.environ
 
 
 def _run(argv: list[str]) -> int:

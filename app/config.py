@@ -24,7 +24,7 @@ def option(default, help: str, aliases: tuple[str, ...] = (), location: bool = F
     """A config field with its `--help` text (and extra flag spellings); lists get a factory.
 
     `location`: the value may be a local path (a store, a data file, a model directory), which
-    the config's identity compares resolved, so `runs` and `./runs` are the same run."""
+    the config's identity compares resolved, so `artifacts` and `./artifacts` are the same store."""
     metadata = {"help": help, "aliases": aliases, "location": location}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
@@ -33,7 +33,7 @@ def option(default, help: str, aliases: tuple[str, ...] = (), location: bool = F
 
 @dataclass
 class RunConfig:
-    store: str = option("runs", "artifact store root: a local directory or s3://bucket/prefix", location=True)
+    store: str = option("artifacts", "artifact store root: a local directory or s3://bucket/prefix", location=True)
     run_id: str = option("demo", "run id; artifacts live under <store>/runs/<run-id>/<phase>/ "
                          "(lowercase letters, digits and '-', as in a Kubernetes label)")
     preset: str = option("tiny", "bundle of defaults: 'tiny' (embedded CPU demo), 'small' (the one-GPU proving "
@@ -55,7 +55,7 @@ class RunConfig:
 
     def identity(self) -> dict:
         """The values that decide the phase's output, as the run uses them: numbers by their field's
-        type (3 and 3.0 epochs are one config), local paths resolved (`runs` is `./runs`). Where the
+        type (3 and 3.0 epochs are one config), local paths resolved (`artifacts` is `./artifacts`). Where the
         output goes (`store`, `run_id`) and `force` (an instruction) are not part of it."""
         hints = typing.get_type_hints(type(self))
         values = {}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from app.log import progress
 from app.prompts import STOP_STRINGS, cut_at_stop
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -151,7 +152,6 @@ class HFGenerator:
         import contextlib
 
         import torch
-        from tqdm.auto import tqdm
 
         if adapter is not None and adapter not in self.adapters:
             raise KeyError(f"no adapter named {adapter!r}; loaded: {self.adapters}")
@@ -171,8 +171,7 @@ class HFGenerator:
             longest = max(len(ids) for ids in self.tokenizer(prompts)["input_ids"])
             shape = {"padding": "max_length", "max_length": -(-longest // STATIC_PROMPT_MULTIPLE) * STATIC_PROMPT_MULTIPLE}
         with context, torch.inference_mode():
-            for start in tqdm(range(0, len(prompts), per_batch), desc=f"{desc} [hf]", unit="batch",
-                              mininterval=5, disable=None):
+            for start in progress(range(0, len(prompts), per_batch), desc=f"{desc} [hf]", unit="batch"):
                 chunk = prompts[start:start + per_batch]
                 filled = chunk + [chunk[-1]] * (per_batch - len(chunk)) if static else chunk
                 torch.manual_seed(sampling.seed + start)

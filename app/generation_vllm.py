@@ -171,21 +171,15 @@ class _Engine:
 
 
 def _progress(desc: str):
-    """vLLM's progress bar on a terminal, under our label; none in plain logs (a pod's),
-    where the phase prints throughput at the end instead. (A disabled tqdm would not do:
-    vLLM divides by its elapsed time, which stays 0.)"""
-    import sys
-
-    if not sys.stderr.isatty():
-        return False
-    from tqdm.auto import tqdm
+    """vLLM's progress bar under our label (app.log.progress: redrawn on a terminal, a log line
+    every 30 s in a pod's log). (A disabled tqdm would not do: vLLM divides by its elapsed time.)"""
+    from app.log import progress
 
     def make(*args, **kwargs):
         if kwargs.get("desc") == "Rendering prompts":
             kwargs["leave"] = False
-        else:
-            kwargs.update(desc=desc, mininterval=1)
-        return tqdm(*args, **kwargs)
+            return progress(*args, **kwargs)
+        return progress(*args, **{**kwargs, "desc": desc})
 
     return make
 

@@ -51,3 +51,32 @@ def banner(title: str) -> None:
 
 def log_config(config) -> None:
     log("config: " + json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+def progress(iterable=None, *, desc: str, **kwargs):
+    """A tqdm bar for a long step: redrawn on a terminal; in a pod's log (not a terminal) a plain
+    log line when it starts, every 30 s and when it ends, so `kubectl logs` shows it moving."""
+    from tqdm.auto import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, **{"mininterval": 1, **kwargs})
+    kwargs.pop("dynamic_ncols", None)
+    return tqdm(iterable, desc=desc, **{**kwargs, "file": _LogLines(), "mininterval": 30, "ascii": True,
+                                        "ncols": 100})
+
+
+class _LogLines:
+    """A file for tqdm that turns each redraw into one log line (repeats dropped)."""
+
+    def __init__(self):
+        self.last = ""
+
+    def write(self, text: str) -> None:
+        for piece in text.replace("\r", "\n").split("\n"):
+            piece = piece.strip()
+            if piece and piece != self.last:
+                self.last = piece
+                log(piece)
+
+    def flush(self) -> None:
+        pass

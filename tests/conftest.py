@@ -30,7 +30,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 SMALL_RUN_FLAGS = {
     "sft": ["--train-limit", "256", "--sft-epochs", "1", "--sft-batch-size", "16"],
-    "rollouts": ["--rollout-limit", "16", "--n-samples", "6", "--max-new-tokens", "64", "--backend", "hf"],
+    "rollouts": ["--rollout-limit", "16", "--samples-per-question", "6", "--max-new-tokens", "64", "--backend", "hf"],
     "preferences": ["--quality-threshold", "0.05"],
     "dpo": ["--dpo-batch-size", "2", "--dpo-grad-accum", "1", "--dpo-epochs", "2"],
     "eval": ["--eval-limit", "24", "--max-new-tokens", "64", "--backend", "hf"],

@@ -24,7 +24,7 @@ from app import artifacts, checkpoints
 from app.cli import main as cli_main
 from app.cli import parse
 from app.data import read_jsonl, synthetic_problems, write_jsonl
-from app.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_RETRYABLE, InputError
+from app.errors import EXIT_CONFIG, EXIT_INPUT, EXIT_RETRYABLE, ConfigError, InputError
 from tests import preemption
 from tests.conftest import SHARED_GSM8K, run_phase
 from tests.s3_server import moto_endpoint, s3  # noqa: F401  (pytest fixtures)
@@ -348,7 +348,7 @@ def test_a_custom_loop_resumes_exactly_through_the_store(tmp_path):
 def rollout_flags(store: Path, run_id: str, base: Path) -> list[str]:
     # 12 questions in chunks of 4, one sample per variant, short answers.
     return ["--store", str(store), "--run-id", run_id, "--base-model", str(base), "--rollout-limit", "12",
-            "--chunk-size", "4", "--n-samples", "3", "--max-new-tokens", "24", "--backend", "hf",
+            "--chunk-size", "4", "--samples-per-question", "3", "--max-new-tokens", "24", "--backend", "hf",
             "--question-batch-size", "4"]
 
 
@@ -791,3 +791,40 @@ def test_every_shipped_gsm8k_row_carries_the_marker(split):
 
     problems, report = load_problems(str(SHARED_GSM8K / f"{split}.jsonl"), split=split, max_reject_rate=0)
     assert report.rejected == 0 and len(problems) == {"train": 7473, "test": 1319}[split]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference guide's rollout flags: --n_samples is the number of questions
+
+
+def test_the_guides_rollout_flags_mean_what_the_guide_says(workspace, tiny_base, sft_straight, capsys):
+    _, config = parse(["rollouts", "--n_samples", "500", "--question_batch_size", "16"], environ={})
+    assert (config.rollout_limit, config.question_batch_size, config.samples_per_question) == (500, 16, 6)
+    with pytest.raises(ConfigError, match="PIPELINE_N_SAMPLES is no longer read"):
+        parse(["rollouts"], environ={"PIPELINE_N_SAMPLES": "8"})
+    with pytest.raises(ConfigError, match="500 trajectories per question is more than 64"):
+        parse(["rollouts", "--samples_per_question", "500", "--samples-per-variant", "0", "--variants", "direct"],
+              environ={})
+
+    store, run_id, _ = sft_straight
+    common = ["--store", str(store), "--run-id", run_id, "--base-model", str(tiny_base), "--backend", "hf",
+              "--max_new_tokens", "16"]
+    # 3,400 questions x 60 per question = 204,000 trajectories: refused before any model loads.
+    assert cli_main(["rollouts", *common, "--rollout-data", "synthetic:3400", "--samples-per-variant", "20"]) == EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert "3400 questions x 3 variants x 20 samples = 204,000 trajectories" in captured.out
+    assert "204,000 trajectories is more than 200,000" in one_error_line_of(captured.err)
+    assert "vllm" not in captured.out and "generat" not in captured.out.split("204,000")[1]
+
+    assert cli_main(["rollouts", *common, "--n_samples", "4", "--samples_per_question", "3", "--force"]) == 0
+    assert "4 questions x 3 variants x 1 samples = 12 trajectories" in capsys.readouterr().out
+    summary = artifacts.read_manifest(artifacts.phase_uri(str(store), run_id, "rollouts"))["metrics"]
+    assert summary["questions"] == 4 and summary["trajectories"] == 12
+
+
+def test_the_first_log_line_says_where_the_artifacts_land(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["preferences"]) == EXIT_INPUT  # defaults: no rollouts published yet
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "preferences  run=demo  -> artifacts/runs/demo/preferences" in first
+    assert (tmp_path / "artifacts").is_dir() and not (tmp_path / "runs").exists()

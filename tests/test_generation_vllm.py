@@ -77,7 +77,7 @@ def test_rollouts_and_eval_phases_on_vllm_agree_with_hf(small_run, tiny_model_di
 
     # Fewer questions than the HF run (later flags win): the first 8 are the same questions.
     run_phase("rollouts", store, "on-vllm", tiny_model_dir, "--backend", "vllm", "--rollout-limit", "8",
-              "--n-samples", "3")
+              "--samples-per-question", "3")
     path, _ = artifacts.fetch(artifacts.phase_uri(str(store), "on-vllm", "rollouts"))
     summary = json.loads((path / "summary.json").read_text())
     assert summary["throughput"]["backend"] == "vllm" and summary["throughput"]["tokens"] > 0

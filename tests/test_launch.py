@@ -170,3 +170,26 @@ def test_the_cli_records_its_exit_code(tmp_path, monkeypatch):
 def test_an_unwritable_exit_code_file_does_not_hide_the_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_EXIT_CODE_FILE", str(tmp_path))  # a directory: open() fails
     assert cli_main(["sft", "--run-id", "Not_Valid"]) == EXIT_CONFIG
+
+
+def test_accelerate_launch_fails_at_once_with_a_pointer_to_app_launch(tmp_path):
+    """The reference guide starts DPO with `accelerate launch`; its launcher turns every exit code into
+    1 (a retried crash to Kubernetes), so the phase refuses at once and names the command that keeps them."""
+    import shutil
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        accelerate = Path(shutil.which("accelerate") or "accelerate")
+    store = tmp_path / "store"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    env.pop("PIPELINE_EXIT_CODE_FILE", None)
+    started = time.monotonic()
+    proc = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "1", "-m", "app", "dpo",
+                           "--store", str(store), "--run-id", "acc"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    (first,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # accelerate adds its own
+    assert first.startswith("error: accelerate launch reports every failure as exit 1")
+    assert first.endswith(f"python -m app.launch --nproc-per-node 1 dpo --store {store} --run-id acc")
+    assert "dpo  run=acc" not in proc.stdout and not store.exists()  # refused before the phase began
+    assert time.monotonic() - started < 120

@@ -18,17 +18,17 @@ def test_embedded_pipeline_runs_every_phase_with_defaults(tmp_path):
     env = {**os.environ, "PIPELINE_WORKDIR": str(tmp_path / "work"), "PIPELINE_CACHE": str(tmp_path / "cache")}
     env = {k: v for k, v in env.items() if not k.startswith("PIPELINE_") or k in ("PIPELINE_WORKDIR", "PIPELINE_CACHE")}
     started = time.time()
-    result = subprocess.run([sys.executable, "-m", "app", "pipeline", "--store", str(tmp_path / "runs")], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "app", "pipeline", "--store", str(tmp_path / "artifacts")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=3000)
     elapsed = time.time() - started
     print(f"embedded pipeline: {elapsed:.0f}s")
     print(result.stdout[-3000:])
     assert result.returncode == 0, result.stderr[-4000:]
 
-    store = str(tmp_path / "runs")
+    store = str(tmp_path / "artifacts")
     for phase in ("base", "sft", "rollouts", "preferences", "dpo", "eval"):
         assert artifacts.read_manifest(artifacts.phase_uri(store, "demo", phase)) is not None, phase
-    report = (tmp_path / "runs" / "runs" / "demo" / "report.md").read_text()
+    report = (tmp_path / "artifacts" / "runs" / "demo" / "report.md").read_text()
     assert "| sft | ran |" in report and "| eval | ran |" in report
     assert "Base " in report and " -> SFT " in report and " -> DPO " in report
     assert "Base " in result.stdout and "run report" in result.stdout

@@ -24,7 +24,7 @@ SHARDED = ("rollouts", "eval")
 def begin(name: str, out_uri: str, config, detail: str = "") -> dict | None:
     """Announce the phase, reach the store before any model loads, and return the published
     manifest when there is nothing to do (same config, same inputs, no --force)."""
-    banner(f"{name}  run={config.run_id}" + (f"  {detail}" if detail else ""))
+    banner(f"{name}  run={config.run_id}" + (f"  {detail}" if detail else "") + f"  -> {out_uri}")
     log_config(config)
     artifacts.check_store(config.store)
     if not config.force:

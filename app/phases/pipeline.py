@@ -80,7 +80,8 @@ class Config(_PipelineFields):
 
 
 def main(config: Config) -> dict:
-    banner(f"pipeline  run={config.run_id}  store={config.store}  phases={' -> '.join(config.phases())}")
+    banner(f"pipeline  run={config.run_id}  phases={' -> '.join(config.phases())}  "
+           f"-> {artifacts.run_uri(config.store, config.run_id)}")
     artifacts.check_store(config.store)
     configs = config.phase_configs()
     for name in config.phases():  # a bad --eval-data fails now, not after hours of training

@@ -251,7 +251,7 @@ def _why_no_pairs(summary: dict) -> str:
     return (f"{summary['questions_all_correct']} questions had only correct trajectories, "
             f"{summary['questions_all_wrong']} only incorrect ones, and no reward gap among correct ones reached "
             f"--quality-threshold {summary['quality_threshold']} (largest: {summary['largest_quality_gap']}). "
-            "Sample more per question (--n-samples) or at a higher --temperature, or lower --quality-threshold"
+            "Sample more per question (--samples-per-question) or at a higher --temperature, or lower --quality-threshold"
             + ("." if summary["gold_anchored"]["enabled"] else
                ", or pair the reference solutions against wrong samples (--gold-anchored)."))
 
@@ -268,6 +268,6 @@ def describe(summary: dict, config: Config) -> list[str]:
         lines.append(
             f"no quality pairs: among correct trajectories the largest reward gap was "
             f"{summary['largest_quality_gap']}, under --quality-threshold {config.quality_threshold}. Lower the "
-            "threshold (e.g. --quality-threshold 0.05), or raise --temperature / --n-samples for more varied "
+            "threshold (e.g. --quality-threshold 0.05), or raise --temperature / --samples-per-question for more varied "
             "solutions. Training goes on with correctness pairs only.")
     return lines

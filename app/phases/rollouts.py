@@ -2,13 +2,17 @@
 
     python -m app rollouts                                             # embedded demo
     python -m app rollouts --preset abel-7b --store s3://bucket/gsm8k --run-id r1 \\
-        --n-samples 8 --question-batch-size 256                        # one pod, all its GPUs
+        --samples-per-question 8 --question-batch-size 256             # one pod, all its GPUs
+    python -m app rollouts --n_samples 500 --question_batch_size 16    # the first 500 questions
     # N pods of an Indexed Job: each takes shard JOB_COMPLETION_INDEX of N, then
     python -m app merge --phase rollouts --num-shards N ...            # combine the shards (merge_shards)
 
 The policy is base + SFT adapter, served unmerged. Each question is asked under the
-prompt variants (direct, reflective, deliberative); `--n-samples` trajectories per
-question are spread evenly over them (or set `--samples-per-variant`). Each trajectory
+prompt variants (direct, reflective, deliberative); `--samples-per-question` trajectories
+per question are spread evenly over them (or set `--samples-per-variant`). `--n-samples N`
+(the reference guide's flag, = `--rollout-limit N`) takes the first N questions. The total
+number of trajectories is printed before generating; more than 200,000 (or more
+than 64 per question) is refused unless `--confirm-large-rollout`. Each trajectory
 is scored: `correct` (extracted answer vs gold), reasoning `quality` (are its written
 equations right, does it show steps), a `length_penalty`, and the composite `reward`.
 A trajectory cut off by `--max-new-tokens` is kept but marked `truncated` and never
@@ -42,15 +46,21 @@ from app.phases import begin
 from app.shards import default_shard_index, output_uri, shard_slice
 
 
+# A full GSM8K train set at 8 per question is 59,784 trajectories; 3.7 M (the guide's --n-samples 500
+# read as per question) is a mistake to catch before the GPUs spend a day on it.
+LARGE_ROLLOUT = 200_000
+MAX_PER_QUESTION = 64
+
+
 @dataclass
 class Config(RunConfig):
     rollout_data: str = option("synthetic:160", "questions to roll out: hf:openai/gsm8k (train), synthetic:N, or JSONL",
                                location=True)
-    rollout_limit: int = option(0, "use only the first N questions (0 = all)")
+    rollout_limit: int = option(0, "roll out only the first N questions (0 = all)", aliases=("--n-samples",))
     prompt_format: str = option("abel", "prompt format: abel, plain or chat")
     variants: list[str] = option(["direct", "reflective", "deliberative"], "prompt variants, comma-separated")
-    n_samples: int = option(8, "trajectories per question, spread evenly over the variants")
-    samples_per_variant: int = option(0, "trajectories per variant (overrides --n-samples when > 0)")
+    samples_per_question: int = option(8, "trajectories per question, spread evenly over the variants")
+    samples_per_variant: int = option(0, "trajectories per variant (overrides --samples-per-question when > 0)")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling top-p")
     max_new_tokens: int = option(512, "longest trajectory in tokens; longer ones are marked truncated")
@@ -64,6 +74,8 @@ class Config(RunConfig):
     target_tokens: int = option(200, "trajectories up to this length get no length penalty")
     num_shards: int = option(1, "split the questions into this many shards (one per Indexed Job pod)")
     shard_index: int = option(None, "which shard this process runs (default: $JOB_COMPLETION_INDEX or 0)")
+    confirm_large_rollout: bool = option(False, f"allow more than {LARGE_ROLLOUT:,} trajectories in all, or more than "
+                                         f"{MAX_PER_QUESTION} per question")
     chunk_size: int = option(512, "save progress every N questions; a restarted Job redoes at most one chunk")
     max_reject_rate: float = option(0.01, "fail if more than this share of the question rows is unusable")
     accept_answer_without_marker: bool = option(False, ACCEPT_UNMARKED_HELP)
@@ -80,8 +92,13 @@ class Config(RunConfig):
         require(not unknown, f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
         require(bool(self.variants), "--variants must name at least one variant")
         require(self.samples_per_variant >= 0, "--samples-per-variant must be >= 0")
-        require(self.samples_per_variant > 0 or self.n_samples >= len(self.variants),
-                f"--n-samples {self.n_samples} must be >= the number of variants ({len(self.variants)})")
+        require(self.samples_per_variant > 0 or self.samples_per_question >= len(self.variants),
+                f"--samples-per-question {self.samples_per_question} must be >= the number of variants "
+                f"({len(self.variants)})")
+        require(self.confirm_large_rollout or self.per_variant() * len(self.variants) <= MAX_PER_QUESTION,
+                f"{self.per_variant() * len(self.variants)} trajectories per question is more than "
+                f"{MAX_PER_QUESTION}; --n-samples is the number of questions, --samples-per-question the "
+                "trajectories for each (or pass --confirm-large-rollout)")
         require(0 <= self.temperature <= 5, f"--temperature must be in [0, 5], got {self.temperature}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         require(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
@@ -94,12 +111,13 @@ class Config(RunConfig):
         require(0 <= self.max_reject_rate <= 1, "--max-reject-rate must be in [0, 1]")
 
     def per_variant(self) -> int:
-        return self.samples_per_variant or max(1, self.n_samples // len(self.variants))
+        return self.samples_per_variant or max(1, self.samples_per_question // len(self.variants))
 
     def identity(self) -> dict:
         values = super().identity()
         values.pop("question_batch_size")  # how we batch does not change what is sampled
         values.pop("chunk_size")  # nor how often progress is saved
+        values.pop("confirm_large_rollout")  # nor a confirmation
         return values
 
 
@@ -117,8 +135,13 @@ def main(config: Config) -> dict | None:
                                      max_reject_rate=config.max_reject_rate, seed=config.seed,
                                      accept_unmarked=config.accept_answer_without_marker)
     problems = shard_slice(problems, config.shard_index, config.num_shards)
-    log(f"data: {report.line()}; this shard rolls out {len(problems)} questions "
-        f"x {len(config.variants)} variants x {config.per_variant()} samples")
+    total = len(problems) * len(config.variants) * config.per_variant()
+    log(f"data: {report.line()}; this shard rolls out {len(problems)} questions x {len(config.variants)} variants "
+        f"x {config.per_variant()} samples = {total:,} trajectories")
+    require(config.confirm_large_rollout or total <= LARGE_ROLLOUT,
+            f"{total:,} trajectories is more than {LARGE_ROLLOUT:,} ({len(problems)} questions x "
+            f"{len(config.variants) * config.per_variant()} per question); check --n-samples (questions) and "
+            "--samples-per-question, or pass --confirm-large-rollout")
 
     from app.models import resolve_base_model
 
