@@ -104,7 +104,8 @@ def visible_gpus() -> list[str]:
 
 class _Engine:
     def __init__(self, base_model: str, adapters: dict[str, str | Path], *, bf16: bool, max_model_len: int,
-                 seed: int, gpu_memory_utilization: float, enforce_eager: bool | None, label: str):
+                 seed: int, gpu_memory_utilization: float, enforce_eager: bool | None, label: str,
+                 max_num_seqs: int | None = None):
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
@@ -124,13 +125,16 @@ class _Engine:
         # prompt is prefilled in chunks: rewinding its generator only works on CUDA. Whole
         # prompts per step avoid it; a GPU keeps chunked prefill.
         cpu_args = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, model_len)) if on_cpu else {}
+        # The most sequences in flight (vLLM's own default when None).
+        engine_args = dict(max_num_seqs=max_num_seqs) if max_num_seqs else {}
         # The CPU worker replaces torch.set_num_threads with a no-op for the whole process;
         # put it back so code running after us in this process (HF, training) keeps control.
         set_num_threads = torch.set_num_threads
         try:
             self.llm = LLM(model=str(base_model), dtype="bfloat16" if bf16 and not on_cpu else "float32",
                            max_model_len=model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                           enforce_eager=on_cpu if enforce_eager is None else enforce_eager, **lora_args, **cpu_args)
+                           enforce_eager=on_cpu if enforce_eager is None else enforce_eager, **lora_args, **cpu_args,
+                           **engine_args)
         finally:
             torch.set_num_threads = set_num_threads
         for request in self.adapters.values():  # load now: a bad adapter fails here, not mid-phase
@@ -304,20 +308,23 @@ class VLLMGenerator:
     `engines`: how many engine processes (default: one per visible GPU, or one on the
     CPU). Raises KeyError for an unknown adapter, ValueError for n > 1 with greedy decoding.
     `batch_size` is accepted for the HFGenerator signature; vLLM schedules its own batches
-    (continuous batching, bounded by its KV cache), so it is not used.
+    (continuous batching, bounded by its KV cache and `max_num_seqs`, the most sequences in
+    flight: vLLM's default when None), so it is not used.
     """
 
     name = "vllm"
 
     def __init__(self, base_model: str, adapters: dict[str, str | Path], bf16: bool = True, batch_size: int = 64,
                  max_model_len: int = 1024, seed: int = 0, *, engines: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, log=print):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None,
+                 max_num_seqs: int | None = None, log=print):
         self.adapters = list(adapters)
         self.log = log
         self.stats = GenerationStats()
         engine_kwargs = dict(base_model=str(base_model), adapters={k: str(v) for k, v in adapters.items()},
                              bf16=bf16, max_model_len=max_model_len, seed=seed,
-                             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+                             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                             max_num_seqs=max_num_seqs)
         max_lora_rank(adapters)  # fail on a missing or unsupported adapter before any engine starts
         gpus = visible_gpus()
         count = engines or max(1, len(gpus))

@@ -4,16 +4,12 @@
   log-softmax in fp32 row chunks and its backward written straight into the logits' dtype;
   the trainers run the LM head only on the positions that carry a loss (`logits_to_keep`).
 * `dpo_sigmoid_loss`: TRL's default DPO loss, per pair.
-* `reference_token_loss`: the unoptimised SFT loss (full logits, fp32 cross-entropy), the
-  yardstick the bench checks the fast path against.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from app.training.packing import IGNORE
 
 DEFAULT_CHUNK = 4096
 
@@ -54,18 +50,3 @@ def dpo_sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, b
     """Per-pair DPO loss (Rafailov et al.), TRL's default `sigmoid` loss: -log sigmoid(beta * margin)."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return -F.logsigmoid(beta * margin)
-
-
-def reference_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """The unoptimised SFT loss: full logits, fp32 cross-entropy, mean over target tokens.
-
-    This is what TRL's path computes on a padded batch; kept here as the yardstick the fast path
-    is tested against, and used by the bench to show both give the same number.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
-    n = int((labels != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum") / max(n, 1)
-    return loss, n

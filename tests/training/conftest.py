@@ -12,11 +12,11 @@ def tiny():
     """(base model fp32 CPU, tokenizer, bench config): the bench's 'tiny' shape."""
     import torch
 
-    from app import bench
+    from app.bench import Config, model as bench_model
 
-    config = bench.Config(shape="tiny", examples=32)
-    model = bench.build_model(config, torch.device("cpu"))
-    return model, bench.word_tokenizer(model.config.vocab_size), config
+    config = Config(shape="tiny", examples=32)
+    model = bench_model.build_model(config, torch.device("cpu"))
+    return model, bench_model.word_tokenizer(model.config.vocab_size), config
 
 
 def random_sequences(n: int, seed: int = 0, vocab: int = 512):

@@ -17,16 +17,16 @@ def main(phase: str, out: str, batch: int) -> None:
     from datasets import Dataset
     from trl import DPOConfig, SFTConfig
 
-    from app import bench
+    from app.bench import Config, model as bench_model
     from app.models import lora_config
     from app.training.overrides import host_arguments
     from app.training.trainers import FastDPOTrainer, FastSFTTrainer
     from tests.training.conftest import lora
 
-    config = bench.Config(shape="tiny", examples=16)
-    base = bench.build_model(config, torch.device("cpu"))
-    tokenizer = bench.word_tokenizer(base.config.vocab_size)
-    rows = bench.texts(config, base.config.vocab_size)
+    config = Config(shape="tiny", examples=16)
+    base = bench_model.build_model(config, torch.device("cpu"))
+    tokenizer = bench_model.word_tokenizer(base.config.vocab_size)
+    rows = bench_model.texts(config, base.config.vocab_size)
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, learning_rate=1e-2,
                   logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0,
                   data_seed=0, disable_tqdm=True, **host_arguments())  # as the phases build their arguments

@@ -9,10 +9,10 @@ from app.training.data import tokenize_pairs, tokenize_sft
 
 @pytest.fixture(scope="module")
 def texts(tiny):
-    from app import bench
+    from app.bench import Config, model as bench_model
 
-    config = bench.Config(shape="tiny", examples=12)
-    return bench.texts(config, tiny[0].config.vocab_size)
+    config = Config(shape="tiny", examples=12)
+    return bench_model.texts(config, tiny[0].config.vocab_size)
 
 
 def test_tokenize_sft_matches_trl(tiny, texts):

@@ -8,16 +8,16 @@ import pytest
 
 @pytest.fixture(scope="module")
 def rows(tiny):
-    from app import bench
+    from app.bench import Config, model as bench_model
 
-    return bench.texts(bench.Config(shape="tiny", examples=16), tiny[0].config.vocab_size)
+    return bench_model.texts(Config(shape="tiny", examples=16), tiny[0].config.vocab_size)
 
 
 def test_host_arguments_reach_the_trainer_and_the_token_count_sees_packed_batches(tiny, rows):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from app import bench
+    from app.bench import model as bench_model
     from app.models import lora_config
     from app.training.overrides import host_arguments
     from app.training.trainers import FastSFTTrainer
@@ -35,4 +35,4 @@ def test_host_arguments_reach_the_trainer_and_the_token_count_sees_packed_batche
     trainer.train()
     # Item 11: the Trainer counts the tokens of the unpacked row (packed: every token is a real one).
     assert trainer.state.num_input_tokens_seen == trainer.tokens_seen > 0
-    bench._restore_base(trainer.model)
+    bench_model.restore_base(trainer.model)

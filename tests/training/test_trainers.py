@@ -14,15 +14,15 @@ import torch
 
 @pytest.fixture(scope="module")
 def rows(tiny):
-    from app import bench
+    from app.bench import Config, model as bench_model
 
-    return bench.texts(bench.Config(shape="tiny", examples=24), tiny[0].config.vocab_size)
+    return bench_model.texts(Config(shape="tiny", examples=24), tiny[0].config.vocab_size)
 
 
 def _restore(trainer):
-    from app import bench
+    from app.bench import model as bench_model
 
-    bench._restore_base(trainer.model)
+    bench_model.restore_base(trainer.model)
 
 
 def _as_the_phases_run(cls, batch: int, accum: int, merge: bool = True) -> dict:
@@ -215,13 +215,13 @@ def test_adapter_swap_computes_with_the_other_adapter_and_restores_the_active_on
     """The compiled DPO reference: the policy's own adapter holding the `ref` weights for one forward."""
     import copy
 
-    from app import bench
+    from app.bench import Config, model as bench_model
     from app.training.trainers import _AdapterSwap
     from tests.training.conftest import lora
 
     # A model of its own: on the module's shared one, wrapped and unwrapped by the tests above,
     # both adapters computed the same outputs (PEFT state left behind), which hides the swap.
-    model = lora(bench.build_model(bench.Config(shape="tiny"), torch.device("cpu")), r=8, b_std=0.05, seed=1)
+    model = lora(bench_model.build_model(Config(shape="tiny"), torch.device("cpu")), r=8, b_std=0.05, seed=1)
     model.add_adapter("ref", copy.deepcopy(model.peft_config["default"]))
     torch.manual_seed(2)
     for name, p in model.named_parameters():
@@ -304,9 +304,9 @@ def test_pair_sums_are_the_same_in_every_row_layout(tiny, rows):
         assert sums[name].shape == (2, 3)
     for name, value in sums.items():
         torch.testing.assert_close(value, sums["separate"], rtol=1e-5, atol=1e-3, msg=name)
-    from app import bench
+    from app.bench import model as bench_model
 
-    bench._restore_base(model)
+    bench_model.restore_base(model)
 
 
 def test_step_graphs_take_precomputed_reference_log_probs_as_inputs(tiny, rows):

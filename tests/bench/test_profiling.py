@@ -1,6 +1,6 @@
 import torch
 
-from app.training.profiling import StepProfiler, _union_us, format_summary
+from app.bench.profiling import StepProfiler, _union_us, format_summary
 
 
 def test_busy_time_is_the_union_of_overlapping_kernels():

@@ -2,6 +2,7 @@
 under the launcher with two CPU ranks (gloo) it counts both ranks' work.
 
 Not a timing test: CI only checks that the bench works (the numbers come from a GPU, docs/PERFORMANCE.md).
+The vLLM rows of `generate` are tests/bench/test_generate.py's.
 """
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_phase_is_positional():
@@ -38,7 +39,8 @@ def test_bench_runs_end_to_end_on_a_tiny_shape(tmp_path):
 
     out = tmp_path / "bench.json"
     report = main(Config(phase="all", shape="tiny", steps=1, warmup_steps=1, peer_steps=1, examples=16,
-                         gen_prompts=4, gen_new_tokens=4, gen_batch_size=4, peer_gen_batch_size=2, out=str(out)))
+                         gen_prompts=4, gen_new_tokens=4, gen_batch_size=4, peer_gen_batch_size=2, gen_vllm=False,
+                         out=str(out)))
     assert json.loads(out.read_text())["results"] == report["results"]
     rows = {(r["phase"], r["who"].split(":")[0]): r for r in report["results"]}
     assert set(rows) == {(p, w) for p in ("sft", "dpo", "generate") for w in ("ours", "peer")}
