@@ -96,6 +96,21 @@ def render(overlay: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
+def read_rendered(path: str) -> list[dict]:
+    """The documents of a file that `kubectl kustomize` wrote; a missing file or bad YAML is one line."""
+    try:
+        docs = [doc for doc in yaml.safe_load_all(Path(path).read_text()) if doc]
+    except OSError as exc:
+        raise ChainError(f"--rendered {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ChainError(f"--rendered {path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not all(isinstance(doc, dict) for doc in docs):
+        raise ChainError(f"--rendered {path}: not Kubernetes manifests (a document is not a mapping)")
+    return docs
+
+
 def phase_jobs(docs: list[dict]) -> dict[str, dict]:
     jobs = {}
     for doc in docs:
@@ -510,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.rendered:
-            docs = [d for d in yaml.safe_load_all(Path(args.rendered).read_text()) if d]
+            docs = read_rendered(args.rendered)
         else:
             docs = render(args.overlay)
         jobs = phase_jobs(docs)

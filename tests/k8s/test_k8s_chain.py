@@ -477,3 +477,17 @@ def test_run_ids_that_are_not_label_values_are_refused_in_one_line(rendered, tmp
         run_chain(None, rendered, tmp_path, "--run-id", run_id, "--dry-run", "--no-skip")
     assert stopped.value.code == 2
     assert "--run-id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "No such file or directory"),
+    ("a: [b\n", "bad.yaml:2:1: not valid YAML"),
+    ("- just a list\n", "not Kubernetes manifests"),
+])
+def test_a_missing_or_broken_rendered_file_is_one_line_and_exit_2(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert chain.main(["--rendered", str(path), "--run-id", "r1", "--dry-run", "--no-skip"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
