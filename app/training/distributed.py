@@ -74,8 +74,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor
-
-
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()

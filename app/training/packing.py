@@ -31,11 +31,6 @@ class Sequence:
         if len(self.ids) != len(self.loss_mask):
             raise ValueError(f"ids ({len(self.ids)}) and loss_mask ({len(self.loss_mask)}) differ in length")
 
-    @property
-    def num_targets(self) -> int:
-        """Tokens that carry a loss term (the first token is never predicted)."""
-        return int(sum(self.loss_mask[1:]))
-
 
 @dataclass
 class Packed:
