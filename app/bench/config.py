@@ -57,7 +57,8 @@ class Config:
     gen_samples: int = option(1, "generate: completions per prompt, sharing its prompt (rollouts sample several)")
     gen_vllm: bool = option(True, "generate: also time the vLLM backend where vLLM is installed (one process only)")
     gen_vllm_max_seqs: int = option(0, "generate, vLLM: most sequences in flight (0 = vLLM's default)")
-    gen_vllm_memory: float = option(0.9, "generate, vLLM: share of the GPU's memory the engine may take")
+    gen_vllm_memory: float = option(0.9, "generate, vLLM: share of the GPU's memory the engine may take (at most "
+                                          "what is free when it starts)")
     profile_steps: int = option(0, "after the timed steps, this many more under torch.profiler: GPU busy share, "
                                 "host syncs, top kernels and host ops (in the log and the JSON)")
     profile_peer: bool = option(False, "also profile the peer's steps (with --profile-steps)")

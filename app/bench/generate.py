@@ -155,15 +155,29 @@ def _vllm_rows(base, tokenizer, prompts, sampling, longest_prompt: int, config: 
     return base, rows if isinstance(rows, list) else [rows]
 
 
+def _vllm_memory(config: Config, device, log) -> float:
+    """`--gen-vllm-memory`, lowered to what is free on the GPU now (vLLM refuses to start on a share it
+    cannot have; the HF rows' compiled graphs may still hold some)."""
+    if device.type != "cuda":
+        return config.gen_vllm_memory
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    share = min(config.gen_vllm_memory, round(free / total - 0.02, 2))
+    log(f"generate: vLLM may take {share:.0%} of the GPU's memory ({free / 2**30:.0f} of {total / 2**30:.0f} GiB free)")
+    return share
+
+
 def _time_vllm(base_dir: str, adapter_dir: str, prompts, sampling, longest_prompt: int, config: Config, device, log,
                fpt: float, write_seconds: float) -> list[dict]:
     from app.generation import Sampling
     from app.generation_vllm import VLLMGenerator
 
+    memory = _vllm_memory(config, device, log)
     started = time.perf_counter()
     generator = VLLMGenerator(base_dir, {"sft": adapter_dir}, bf16=device.type == "cuda",
                               max_model_len=longest_prompt + config.gen_new_tokens, seed=config.seed, engines=1,
-                              gpu_memory_utilization=config.gen_vllm_memory,
+                              gpu_memory_utilization=memory,
                               max_num_seqs=config.gen_vllm_max_seqs or None, log=log)
     start_seconds = time.perf_counter() - started
     log(f"generate: vLLM engine started in {start_seconds:.1f}s")
@@ -181,7 +195,7 @@ def _time_vllm(base_dir: str, adapter_dir: str, prompts, sampling, longest_promp
             row = _rate_row(f"ours, vllm {what}", device, _new_tokens(done), seconds, fpt,
                             f"app.generation_vllm VLLMGenerator, one engine, {in_flight}, n={sampling.n}, {what}",
                             memory=False, engine_start_seconds=round(start_seconds, 1),
-                            write_seconds=round(write_seconds, 1))
+                            write_seconds=round(write_seconds, 1), gpu_memory_utilization=memory)
             log(f"generate ours (vLLM, {what}): {row['tokens_per_s']:,} new tokens/s")
             out.append(row)
     finally:
