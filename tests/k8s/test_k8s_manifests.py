@@ -383,10 +383,10 @@ def test_the_config_check_runs_the_phase_own_parser(rendered, overlay, tmp_path)
                             cwd=tmp_path, timeout=120)
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout.startswith(f"config ok: python -m app {phase}")
-        bad = subprocess.run([sys.executable, *argv[1:]], env={**base, **env, "PIPELINE_RUN_ID": "Not_Valid"},
+        bad = subprocess.run([sys.executable, *argv[1:]], env={**base, **env, "PIPELINE_RUN_ID": "not/valid"},
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert bad.returncode == 2, bad.stderr
-        assert "config error: --run-id 'Not_Valid'" in bad.stderr
+        assert "config error: --run-id 'not/valid'" in bad.stderr
         break  # one phase per overlay: the script is shared; the parse test covers every phase
 
 
