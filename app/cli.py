@@ -24,6 +24,7 @@ from typing import Any
 
 from app.config import unwrap_optional as _unwrap_optional
 from app.errors import EXIT_CONFIG, EXIT_RETRYABLE, ConfigError, PipelineError
+from app.presets import preset_values
 from app.log import warn
 
 ENV_PREFIX = "PIPELINE_"
@@ -151,8 +152,6 @@ def build_config(config_cls: type, argv: list[str], prog: str = "app", environ: 
     if preset_name is None and "preset" in names:
         preset_name = next(f.default for f in dataclasses.fields(config_cls) if f.name == "preset")
     if preset_name is not None:
-        from app.presets import preset_values
-
         for name, value in preset_values(preset_name, values.get("dpo_recipe")).items():
             if name in names and name not in values:
                 values[name] = value
@@ -245,10 +244,9 @@ def _leave_process_group() -> None:
     abort the process ("terminate called without an active exception", SIGABRT) after the work
     is done: torchrun then reports a failure for a phase that succeeded. Best effort: never raises.
     """
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to leave (and --help stays light)
     try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the command's own exit code matters more
         pass

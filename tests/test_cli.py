@@ -79,13 +79,18 @@ def test_pipeline_accepts_every_phase_flag_and_hands_them_on():
     assert config.phases() == ["rollouts", "preferences", "dpo", "eval"]
 
 
+HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "vllm", "accelerate")
+
+
 @pytest.mark.parametrize("command", [c for c in COMMANDS])
-def test_every_command_has_help(command):
-    result = subprocess.run([sys.executable, "-m", "app", command, "--help"], capture_output=True, text=True,
-                            timeout=120)
+def test_every_command_has_help_without_loading_the_heavy_libraries(command):
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "app", command, "--help"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "PIPELINE_" in result.stdout
     assert command == "bench" or "--store" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & set(HEAVY)
 
 
 def test_the_cli_leaves_the_process_group_it_ran_in(tmp_path):

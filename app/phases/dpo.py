@@ -28,9 +28,13 @@ from dataclasses import dataclass
 
 from app import artifacts, checkpoints
 from app.config import RunConfig, option, require
+from app.data import read_jsonl
 from app.errors import InputError
 from app.log import log
+from app.models import check_adapter_matches, load_causal_lm, load_tokenizer, record_base_shape, resolve_base_model
 from app.phases import begin
+from app.phases.preferences import PAIR_TYPES
+from app.presets import DPO_RECIPES
 
 LN2 = math.log(2)
 
@@ -63,12 +67,8 @@ class Config(RunConfig):
         require(self.dpo_batch_size >= 1 and self.dpo_grad_accum >= 1, "--dpo-batch-size and --dpo-grad-accum must be >= 1")
         require(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
         require(self.dpo_sft_weight >= 0, f"--dpo-sft-weight must be >= 0, got {self.dpo_sft_weight}")
-        from app.presets import DPO_RECIPES
-
         require(self.dpo_recipe in ("", *DPO_RECIPES), f"--dpo-recipe {self.dpo_recipe!r}: use {' or '.join(DPO_RECIPES)}")
         require(self.max_seq_length >= 16, "--max-seq-length must be >= 16")
-        from app.phases.preferences import PAIR_TYPES
-
         bad = [t for t in self.pair_types if t not in PAIR_TYPES]
         require(not bad and bool(self.pair_types), f"--pair-types {self.pair_types}: choose from {', '.join(PAIR_TYPES)}")
         require(self.save_steps >= 0, f"--save-steps must be >= 0 (0 = no checkpoints), got {self.save_steps}")
@@ -94,8 +94,6 @@ def main(config: Config) -> dict | None:
     log(f"pairs: {len(pairs)} ({', '.join(f'{n} {kind}' for kind, n in by_type.items())})")
 
     from accelerate import PartialState
-
-    from app.models import resolve_base_model
 
     with PartialState().main_process_first():
         base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
@@ -131,8 +129,6 @@ def main(config: Config) -> dict | None:
     if not trainer.accelerator.is_main_process:
         return None
 
-    from app.models import record_base_shape
-
     with artifacts.workdir("dpo") as work:
         trainer.model.save_pretrained(work, selected_adapters=["default"])
         tokenizer.save_pretrained(work)
@@ -161,8 +157,6 @@ def check_step0(step0: dict, pure_dpo: bool = True, tolerance: float = 0.02) -> 
 
 
 def read_pairs(path, pair_types: list[str]) -> list[dict]:
-    from app.data import read_jsonl
-
     pairs = []
     for line_number, row in read_jsonl(path):
         for field in ("prompt", "chosen", "rejected", "type"):
@@ -186,7 +180,6 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     from transformers import AutoConfig
     from trl import DPOConfig
 
-    from app.models import check_adapter_matches, load_causal_lm, load_tokenizer
     from app.training.overrides import host_arguments
     from app.training.trainers import FastDPOTrainer  # TRL's trainer, our step (docs/PERFORMANCE.md)
 

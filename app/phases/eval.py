@@ -36,9 +36,13 @@ from pathlib import Path
 
 from app import artifacts
 from app.config import RunConfig, option, require
-from app.data import ACCEPT_UNMARKED_HELP, read_jsonl, write_jsonl
+from app.data import ACCEPT_UNMARKED_HELP, load_problems, read_jsonl, write_jsonl
+from app.generation import Sampling, make_generator
 from app.log import log
+from app.models import check_adapter_matches, load_tokenizer, resolve_base_model
 from app.phases import begin
+from app.prompts import build_prompt
+from app.rewards import answers_match, extract_answer
 from app.shards import default_shard_index, output_uri, shard_slice
 
 MODEL_ORDER = ("base", "sft", "dpo")
@@ -110,8 +114,6 @@ def main(config: Config) -> dict | None:
             path, manifest = artifacts.fetch(uri)
             adapters[name], inputs[name] = str(path), artifacts.lineage_entry(uri, manifest)
 
-    from app.data import load_problems
-
     datasets = {}
     for name, spec in config.datasets().items():
         problems, report = load_problems(spec, split="test", limit=config.eval_limit or None,
@@ -119,8 +121,6 @@ def main(config: Config) -> dict | None:
                                      accept_unmarked=config.accept_answer_without_marker)
         datasets[name] = shard_slice(problems, config.shard_index, config.num_shards)
         log(f"data {name}: {report.line()}; this shard evaluates {len(datasets[name])}")
-
-    from app.models import resolve_base_model
 
     base_path, inputs["base"] = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
     records, stats = generate_answers(config, base_path, adapters, datasets)
@@ -172,11 +172,6 @@ def merge_shards(shards: list[tuple[Path, dict]], work: Path, run_id: str) -> di
 
 def generate_answers(config: Config, base_path: str, adapters: dict, datasets: dict) -> tuple[dict, dict]:
     from transformers import AutoConfig
-
-    from app.generation import Sampling, make_generator
-    from app.models import check_adapter_matches, load_tokenizer
-    from app.prompts import build_prompt
-    from app.rewards import answers_match, extract_answer
 
     base_config = AutoConfig.from_pretrained(base_path)
     for name, path in adapters.items():

@@ -38,9 +38,12 @@ from dataclasses import dataclass
 
 from app import artifacts
 from app.config import RunConfig, option, require
+from app.data import read_jsonl, write_jsonl
 from app.errors import InputError
 from app.log import log
+from app.models import load_tokenizer, resolve_base_model
 from app.phases import begin
+from app.prompts import build_prompt, sft_target
 
 
 @dataclass
@@ -74,16 +77,12 @@ def main(config: Config) -> dict | None:
 
     tokenizer = None
     if config.prompt_format == "chat":
-        from app.models import load_tokenizer, resolve_base_model
-
         tokenizer = load_tokenizer(resolve_base_model(config.base_model, config.store, config.run_id, log=log)[0])
     pairs, summary = build_pairs(records, config, tokenizer)
     for line in describe(summary, config):
         log(line)
     if not pairs:
         raise InputError("preferences: no pairs could be made from the rollouts; " + summary["why_no_pairs"])
-
-    from app.data import write_jsonl
 
     with artifacts.workdir("preferences") as work:
         write_jsonl(work / "preferences.jsonl", pairs)
@@ -102,8 +101,6 @@ REQUIRED_TRAJECTORY_FIELDS = {"full_text": str, "correct": bool, "reward": (int,
 def read_rollouts(path, need_solution: bool = False) -> list[dict]:
     """rollouts.jsonl, checked field by field so a bad line is named, not skipped.
     `need_solution`: every record must carry the reference solution (gold-anchored pairs)."""
-    from app.data import read_jsonl
-
     records = []
     for line_number, record in read_jsonl(path):
         for field in ("id", "question", "trajectories", *(("solution",) if need_solution else ())):
@@ -129,8 +126,6 @@ def read_rollouts(path, need_solution: bool = False) -> list[dict]:
 
 
 def build_pairs(records: list[dict], config: Config, tokenizer=None) -> tuple[list[dict], dict]:
-    from app.prompts import build_prompt
-
     rng = random.Random(config.seed)
     pairs: list[dict] = []
     excluded = {"truncated": 0, "no_answer": 0}
@@ -200,8 +195,6 @@ PAIR_TYPES = ("correctness", "quality", "gold_anchored")
 
 def _reference(record: dict) -> str:
     """The reference solution as SFT taught the policy to write it (what the prompt format expects next)."""
-    from app.prompts import sft_target
-
     return sft_target(record["solution"])
 
 

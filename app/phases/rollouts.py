@@ -37,12 +37,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app import artifacts
+from app import artifacts, checkpoints
 from app.config import RunConfig, option, require
-from app.data import ACCEPT_UNMARKED_HELP, read_jsonl, write_jsonl
+from app.data import ACCEPT_UNMARKED_HELP, load_problems, read_jsonl, write_jsonl
 from app.errors import StorageError
+from app.generation import Sampling, make_generator
 from app.log import log
+from app.models import check_adapter_matches, load_tokenizer, resolve_base_model
 from app.phases import begin
+from app.prompts import VARIANTS, build_prompt
+from app.rewards import RewardWeights, score_trajectory
 from app.shards import default_shard_index, output_uri, shard_slice
 
 
@@ -86,8 +90,6 @@ class Config(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        from app.prompts import VARIANTS
-
         unknown = [v for v in self.variants if v not in VARIANTS]
         require(not unknown, f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
         require(bool(self.variants), "--variants must name at least one variant")
@@ -128,8 +130,6 @@ def main(config: Config) -> dict | None:
     sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
     sft_dir, sft_manifest = artifacts.fetch(sft_uri)
 
-    from app.data import load_problems
-
     started = time.time()
     problems, report = load_problems(config.rollout_data, split="train", limit=config.rollout_limit or None,
                                      max_reject_rate=config.max_reject_rate, seed=config.seed,
@@ -143,16 +143,10 @@ def main(config: Config) -> dict | None:
             f"{len(config.variants) * config.per_variant()} per question); check --n-samples (questions) and "
             "--samples-per-question, or pass --confirm-large-rollout")
 
-    from app.models import resolve_base_model
-
-    from app import checkpoints
-
     config_hash = artifacts.config_hash(config.identity())
     done = resume_chunks(out_uri, config_hash, problems)
 
     def save_chunk(end: int, chunk_records: list[dict]) -> None:
-        from app.data import write_jsonl
-
         with artifacts.workdir("rollouts-chunk") as chunk_dir:
             write_jsonl(chunk_dir / "rollouts.jsonl", chunk_records)
             meta = {"start": end - len(chunk_records), "end": end, "ids": [r["id"] for r in chunk_records]}
@@ -174,8 +168,6 @@ def main(config: Config) -> dict | None:
     log("rollouts: " + ", ".join(f"{k} {v}" for k, v in summary["accuracy_by_variant"].items())
         + f"; mean reward {summary['mean_reward']}; truncated {summary['truncated']}")
 
-    from app.data import write_jsonl
-
     with artifacts.workdir("rollouts") as work:
         write_jsonl(work / "rollouts.jsonl", records)
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -192,9 +184,6 @@ def main(config: Config) -> dict | None:
 
 def resume_chunks(out_uri: str, config_hash: str, problems) -> list[dict]:
     """Records of the questions finished by an earlier, interrupted attempt (a prefix of `problems`)."""
-    from app import checkpoints
-    from app.data import read_jsonl
-
     records: list[dict] = []
     for end, path in checkpoints.complete_checkpoints(out_uri, config_hash, log=log):
         info = checkpoints.checkpoint_info(path)
@@ -215,11 +204,6 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
     `config.chunk_size` questions at a time, each finished chunk handed to `on_chunk(end, records)`
     unless it is the last one."""
     import torch
-
-    from app.generation import Sampling, make_generator
-    from app.models import check_adapter_matches, load_tokenizer
-    from app.prompts import build_prompt
-    from app.rewards import RewardWeights, score_trajectory
 
     records = list(done or [])
     if len(records) == len(problems):

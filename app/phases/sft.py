@@ -31,9 +31,11 @@ from dataclasses import dataclass
 
 from app import artifacts, checkpoints
 from app.config import RunConfig, option, require
-from app.data import ACCEPT_UNMARKED_HELP
+from app.data import ACCEPT_UNMARKED_HELP, load_problems
 from app.log import log
+from app.models import load_causal_lm, load_tokenizer, lora_config, record_base_shape, resolve_base_model
 from app.phases import begin
+from app.prompts import build_prompt, sft_target
 
 
 @dataclass
@@ -80,16 +82,12 @@ def main(config: Config) -> dict | None:
         return published
 
     started = time.time()
-    from app.data import load_problems
-
     problems, report = load_problems(config.train_data, split="train", limit=config.train_limit or None,
                                      max_reject_rate=config.max_reject_rate, seed=config.seed,
                                      accept_unmarked=config.accept_answer_without_marker)
     log(f"data: {report.line()}; training on {len(problems)}")
 
     from accelerate import PartialState
-
-    from app.models import resolve_base_model
 
     with PartialState().main_process_first():
         base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
@@ -119,8 +117,6 @@ def main(config: Config) -> dict | None:
     if not trainer.accelerator.is_main_process:
         return None
 
-    from app.models import record_base_shape
-
     with artifacts.workdir("sft") as work:
         trainer.model.save_pretrained(work)
         tokenizer.save_pretrained(work)
@@ -141,8 +137,6 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from app.models import load_causal_lm, load_tokenizer, lora_config
-    from app.prompts import build_prompt, sft_target
     from app.training.overrides import host_arguments
     from app.training.trainers import FastSFTTrainer
 
