@@ -4,11 +4,13 @@ Every command is a module with a dataclass `Config` and a `main(config)`. This f
 turns the dataclass into argparse flags (dash-case, `help=` from the field metadata)
 and resolves each value with one precedence, highest first:
 
-    --flag  >  PIPELINE_<FIELD> environment variable  >  --preset values  >  dataclass default
+    --flag  >  PIPELINE_<FIELD> environment variable  >  --dpo-recipe  >  --preset  >  dataclass default
 
 so a Kubernetes ConfigMap can set `PIPELINE_*` variables and a user can still
-override one of them on the command line. Bad values exit with code 2 before
-anything heavy is imported.
+override one of them on the command line. `--help` shows each flag's value as this
+command line and environment resolve it, and where it comes from (`... --preset abel-7b
+--help` shows abel-7b's values). Bad values exit with code 2 before anything heavy is
+imported.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import errno
 import importlib
 import os
 import sys
+import textwrap
 import typing
 from typing import Any
 
 from app.config import unwrap_optional as _unwrap_optional
 from app.errors import EXIT_CONFIG, EXIT_RETRYABLE, ConfigError, PipelineError
-from app.presets import preset_values
 from app.log import warn
+from app.presets import preset_layers
 
 ENV_PREFIX = "PIPELINE_"
 
@@ -93,12 +96,42 @@ def _field_types(config_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(config_cls)
 
 
-def build_parser(config_cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+def show(value: Any) -> str:
+    """A value as it would be typed after its flag (lists comma-separated, booleans true/false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(show(v) for v in value)
+    if value is None:
+        return "none"
+    return str(value) if value != "" else '""'
+
+
+HELP_EPILOG = """\
+Each flag's [value: ...] is what a run with the flags given here and this environment uses,
+and where it comes from, highest first: a flag, a PIPELINE_<FIELD> variable (env), then,
+for commands with --preset, the DPO recipe and the preset; else the field's default."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps help lines only at spaces: a value such as hf:openai/gsm8k or an s3:// URI stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+
+def build_parser(config_cls: type, prog: str, description: str | None = None,
+                 shown: tuple[Any, dict[str, str]] | None = None, add_help: bool = True) -> argparse.ArgumentParser:
+    """Flags for every field of `config_cls`; `shown` = (config, {field: source}) puts the value
+    each flag resolves to, and its source (flag, env, recipe R, preset P, default), into its
+    --help line."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=HELP_EPILOG if shown else None,
+        formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
+        add_help=add_help,
     )
     hints = _field_types(config_cls)
     for field in dataclasses.fields(config_cls):
@@ -106,11 +139,12 @@ def build_parser(config_cls: type, prog: str, description: str | None = None) ->
             continue
         flags = ["--" + field.name.replace("_", "-"), *field.metadata.get("aliases", ())]
         tp = _unwrap_optional(hints[field.name])
-        default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        )
         help_text = field.metadata.get("help", "")
-        help_text = f"{help_text} [env {env_name(field.name)}; default: {default!r}]".replace("%", "%%")
+        if shown:
+            config, sources = shown
+            help_text += (f" [value: {show(getattr(config, field.name))} ({sources[field.name]}); "
+                          f"env {env_name(field.name)}]")
+        help_text = help_text.replace("%", "%%")
         if tp is bool:
             parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
             continue
@@ -120,43 +154,57 @@ def build_parser(config_cls: type, prog: str, description: str | None = None) ->
     return parser
 
 
-def build_config(config_cls: type, argv: list[str], prog: str = "app", environ: dict[str, str] | None = None,
-                 description: str | None = None):
-    """Parse `argv` plus the environment into a `config_cls` instance and validate it."""
-    environ = os.environ if environ is None else environ
-    for name, instead in RETIRED_ENV.items():
-        if name in environ and instead[0] in {f.name for f in dataclasses.fields(config_cls)}:
-            raise ConfigError(f"{name} is no longer read: {instead[1]}")
-    parser = build_parser(config_cls, prog, description)
-    given = vars(parser.parse_args([dashed(arg) for arg in argv]))
+def resolve(config_cls: type, given: dict[str, Any], environ) -> tuple[dict[str, Any], dict[str, str]]:
+    """({field: value}, {field: source}) from the flags given, the environment, the preset and
+    its DPO recipe; fields none of them set are left to the dataclass (source "default")."""
     hints = _field_types(config_cls)
-    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
-
+    names = [f.name for f in dataclasses.fields(config_cls) if f.init]
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {name: "default" for name in names}
     for name in names:
-        if name in environ or env_name(name) in environ:
-            raw = environ.get(env_name(name))
-            if raw is None:
-                continue
-            convert, choices = _converter(hints[name])
-            try:
-                value = convert(raw)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{env_name(name)}={raw!r}: {exc}") from None
-            if choices and value not in choices:
-                raise ConfigError(f"{env_name(name)}={raw!r}: choose from {choices}")
-            values[name] = value
-    values.update({k: v for k, v in given.items() if k in names})
+        raw = environ.get(env_name(name))
+        if raw is None:
+            continue
+        convert, choices = _converter(hints[name])
+        try:
+            value = convert(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{env_name(name)}={raw!r}: {exc}") from None
+        if choices and value not in choices:
+            raise ConfigError(f"{env_name(name)}={raw!r}: choose from {choices}")
+        values[name], sources[name] = value, "env"
+    for name, value in given.items():
+        if name in sources:
+            values[name], sources[name] = value, "flag"
 
     preset_name = values.get("preset")
     if preset_name is None and "preset" in names:
         preset_name = next(f.default for f in dataclasses.fields(config_cls) if f.name == "preset")
     if preset_name is not None:
-        for name, value in preset_values(preset_name, values.get("dpo_recipe")).items():
-            if name in names and name not in values:
-                values[name] = value
+        layered: dict[str, tuple[Any, str]] = {}
+        for source, layer in preset_layers(preset_name, values.get("dpo_recipe")):
+            layered.update({name: (value, source) for name, value in layer.items()})
+        for name, (value, source) in layered.items():
+            if name in sources and name not in values:
+                values[name], sources[name] = value, source
+    return values, sources
 
+
+def build_config(config_cls: type, argv: list[str], prog: str = "app", environ: dict[str, str] | None = None,
+                 description: str | None = None):
+    """Parse `argv` plus the environment into a `config_cls` instance and validate it.
+
+    The flags are read twice: first without --help, to resolve every value; then with it,
+    so that --help shows the values this very command line would run with."""
+    environ = os.environ if environ is None else environ
+    for name, instead in RETIRED_ENV.items():
+        if name in environ and instead[0] in {f.name for f in dataclasses.fields(config_cls)}:
+            raise ConfigError(f"{name} is no longer read: {instead[1]}")
+    argv = [dashed(arg) for arg in argv]
+    given, _ = build_parser(config_cls, prog, add_help=False).parse_known_args(argv)
+    values, sources = resolve(config_cls, vars(given), environ)
     config = config_cls(**values)
+    build_parser(config_cls, prog, description, shown=(config, sources)).parse_args(argv)  # --help, unknown flags
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()

@@ -112,14 +112,16 @@ DPO_RECIPES: dict[str, dict[str, object]] = {
 }
 
 
-def preset_values(name: str, dpo_recipe: str | None = None) -> dict[str, object]:
-    """The preset's values, with the DPO recipe's (`dpo_recipe`, else the preset's own) laid over them."""
+def preset_layers(name: str, dpo_recipe: str | None = None) -> list[tuple[str, dict[str, object]]]:
+    """[(where the values come from, values)], lowest first: the preset, then the DPO recipe
+    (`dpo_recipe`, else the preset's own) laid over it. `--help` names each value's layer."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    values = dict(PRESETS[name])
-    recipe = dpo_recipe or values.get("dpo_recipe")
+    layers = [(f"preset {name}", dict(PRESETS[name]))]
+    recipe = dpo_recipe or PRESETS[name].get("dpo_recipe")
     if recipe:
         if recipe not in DPO_RECIPES:
             raise ConfigError(f"--dpo-recipe {recipe!r}: choose from {', '.join(DPO_RECIPES)}")
-        values.update(DPO_RECIPES[recipe], dpo_recipe=recipe)
-    return values
+        layers.append((f"recipe {recipe}", dict(DPO_RECIPES[recipe])))
+    return layers
+

@@ -1,11 +1,16 @@
 """The command line: one precedence for every value, clear errors, --help everywhere."""
 
+import dataclasses
+import json
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
 
-from app.cli import COMMANDS, build_config, main, parse
+from app.cli import COMMANDS, _converter, build_config, env_name, load_command, main, parse
+from app.log import log_config
 from app.errors import ConfigError
 from app.phases import sft
 
@@ -106,3 +111,74 @@ def test_the_cli_leaves_the_process_group_it_ran_in(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+HELP_CASES = [
+    ([], {}),
+    (["--preset", "abel-7b"], {}),
+    ([], {"PIPELINE_PRESET": "abel-7b"}),
+    (["--seed", "3", "--dpo-recipe", "reference"], {"PIPELINE_PRESET": "abel-7b", "PIPELINE_FORCE": "true",
+                                                    "PIPELINE_MAX_NEW_TOKENS": "128"}),
+]
+
+
+def shown_values(text: str) -> dict[str, tuple[str, str]]:
+    """{env variable: (value, source)} from --help's "[value: V (SOURCE); env PIPELINE_X]" notes."""
+    flat = " ".join(text.split())
+    found = re.findall(r"\[value: (\S*) \(([^)]*)\); env (PIPELINE_[A-Z0-9_]+)\]", flat)
+    assert len(found) == len({env for _, _, env in found})
+    return {env: (value, source) for value, source, env in found}
+
+
+def flags_of(argv: list[str], names: set[str]) -> list[str]:
+    """The `--flag value` pairs of `argv` that a command with these fields has."""
+    pairs = zip(argv[::2], argv[1::2])
+    return [arg for flag, value in pairs if flag[2:].replace("-", "_") in names for arg in (flag, value)]
+
+
+def typed(text: str, tp):
+    """A value shown by --help, read back the way the flag would read it."""
+    if text == "none":
+        return None
+    return _converter(tp)[0]("" if text == '""' else text)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("argv,environ", HELP_CASES)
+def test_help_shows_what_the_run_uses(command, argv, environ, capsys):
+    """Each flag's value in --help equals the config this command line builds, and the config
+    the phase logs at its start; presets, recipes and PIPELINE_* variables included."""
+    module = load_command(command)
+    names = {f.name for f in dataclasses.fields(module.Config) if f.init}
+    argv = flags_of(argv, names)
+    with pytest.raises(SystemExit) as exc:
+        parse([command, *argv, "--help"], environ=environ)
+    assert exc.value.code == 0
+    shown = shown_values(capsys.readouterr().out)
+    _, config = parse([command, *argv], environ=environ)
+    log_config(config)
+    logged = json.loads(capsys.readouterr().out.split("config: ", 1)[1])
+    hints = typing.get_type_hints(module.Config)
+    assert set(shown) == {env_name(name) for name in names}
+    for name in names:
+        value, source = shown[env_name(name)]
+        assert typed(value, hints[name]) == getattr(config, name) == logged[name], name
+        given = "--" + name.replace("_", "-") in argv
+        expected = "flag" if given else "env" if env_name(name) in environ else None
+        assert expected is None or source == expected, name
+        assert source in ("flag", "env", "default") or re.fullmatch(r"(preset|recipe) [\w-]+", source), source
+
+
+def test_help_names_the_preset_and_recipe_a_value_comes_from(capsys):
+    with pytest.raises(SystemExit):
+        parse(["dpo", "--preset", "abel-7b", "--help"], environ={})
+    shown = shown_values(capsys.readouterr().out)
+    assert shown["PIPELINE_BASE_MODEL"] == ("GAIR/Abel-7B-002", "preset abel-7b")
+    assert shown["PIPELINE_DPO_SFT_WEIGHT"] == ("1.0", "recipe rpo")
+    assert shown["PIPELINE_CHECK_STEP0"] == ("true", "default")
+    with pytest.raises(SystemExit):
+        parse(["sft", "--help"], environ={})
+    shown = shown_values(capsys.readouterr().out)  # the bare run: the tiny preset, not the dataclass defaults
+    assert shown["PIPELINE_SFT_EPOCHS"] == ("3", "preset tiny")
+    assert shown["PIPELINE_SFT_LEARNING_RATE"] == ("0.002", "preset tiny")
+    assert shown["PIPELINE_MAX_SEQ_LENGTH"] == ("256", "preset tiny")
