@@ -20,9 +20,8 @@ Used three ways:
   trainer_state.json with the step); the callback publishes it. The phase then calls
   `trainer.train(resume_from_checkpoint=latest_checkpoint(...))`, and the Trainer's own
   resume restores everything and skips the batches already trained on.
-- A custom training loop: `save_training_state` / `load_training_state` write and read
-  the same pieces (trainable weights, optimizer, scheduler, RNG, step), and
-  `save_checkpoint` / `latest_checkpoint` move them to and from the store.
+- Any directory to resume from: `save_checkpoint` publishes it, `latest_checkpoint`
+  finds the newest complete one of the same config and verifies it.
 - Chunked progress (rollouts): one checkpoint per finished chunk of questions, kept all;
   `complete_checkpoints` returns every one of them in order.
 
@@ -34,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -279,69 +277,3 @@ def restore_trained_adapter(model, checkpoint_dir: str | os.PathLike, adapter_na
     if unexpected:
         raise InputError(f"{checkpoint_dir}: adapter does not fit the model ({unexpected[:2]} ...)")
 
-
-# ---------------------------------------------------------------------------------------------
-# A custom training loop
-
-
-def save_training_state(local_dir: str | os.PathLike, *, model, optimizer, scheduler, step: int,
-                        rank: int = 0, extra: dict | None = None) -> Path:
-    """Write what a loop needs to continue exactly: trainable weights, optimizer, scheduler, RNG, step.
-
-    Every rank calls it (each writes its own RNG state); rank 0 writes the rest. Publish
-    the directory with `save_checkpoint` on rank 0 after a barrier.
-    """
-    import torch
-
-    local_dir = Path(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), local_dir / f"rng_state_{rank}.pth")
-    if rank == 0:
-        trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-        torch.save(trainable, local_dir / "trainable.pt")
-        torch.save(optimizer.state_dict(), local_dir / "optimizer.pt")
-        torch.save(scheduler.state_dict(), local_dir / "scheduler.pt")
-        (local_dir / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-    return local_dir
-
-
-def load_training_state(local_dir: str | os.PathLike, *, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore what `save_training_state` wrote; returns its state.json (`step`: steps already done)."""
-    import torch
-
-    local_dir = Path(local_dir)
-    trainable = torch.load(local_dir / "trainable.pt", weights_only=True)
-    params = dict(model.named_parameters())
-    missing = sorted(set(trainable) ^ {n for n, p in params.items() if p.requires_grad})
-    if missing:
-        raise InputError(f"{local_dir}: checkpoint does not fit this model (parameters differ: {missing[:3]} ...)")
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(torch.load(local_dir / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(local_dir / "scheduler.pt", weights_only=True))
-    rng_file = local_dir / f"rng_state_{rank}.pth"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((local_dir / "state.json").read_text())
-
-
-def _rng_state() -> dict:
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

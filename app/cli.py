@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "eval": "app.phases.eval",
     "pipeline": "app.phases.pipeline",
     "merge": "app.phases.merge",
+    "lineage": "app.phases.lineage",
     "bench": "app.bench",
 }
 

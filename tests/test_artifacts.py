@@ -226,3 +226,26 @@ def test_an_artifact_built_from_a_replaced_input_is_stale_and_replaced_without_f
         artifacts.publish(make_outputs(tmp_path / "r3", "dup"), rollouts, phase="rollouts", config={"n": 8},
                           inputs={"policy": artifacts.lineage_entry(sft, sft_v2)})
     assert artifacts.read_manifest(rollouts) == redone
+
+
+def test_the_lineage_command_prints_the_tree_and_flags_a_replaced_input(tmp_path, store, capsys):
+    from app.cli import main
+
+    sft = artifacts.phase_uri(store, "run-1", "sft")
+    dpo = artifacts.phase_uri(store, "run-1", "dpo")
+    sft_m = artifacts.publish(make_outputs(tmp_path / "sft"), sft, phase="sft", config={},
+                              inputs={"train_data": {"spec": "synthetic:8"}})
+    artifacts.publish(make_outputs(tmp_path / "dpo"), dpo, phase="dpo", config={},
+                      inputs={"sft": artifacts.lineage_entry(sft, sft_m)})
+    argv = ["lineage", "--store", store, "--run-id", "run-1", "--phase", "dpo"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"dpo  ok  {dpo}  created ") and lines[1].startswith(f"  sft: sft  ok  {sft}  ")
+    assert lines[2] == "    train_data: {'spec': 'synthetic:8'}"
+
+    artifacts.publish(make_outputs(tmp_path / "sft2", "new"), sft, phase="sft", config={"v": 2}, overwrite=True)
+    assert main([*argv, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(row["depth"], row["phase"], row["status"]) for row in rows] == [(0, "dpo", "ok"), (1, "sft", "replaced")]
+    assert main([*argv[:-1], "eval"]) == 3
+    assert "runs/run-1/eval is not published" in capsys.readouterr().err

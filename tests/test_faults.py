@@ -300,47 +300,6 @@ def test_checkpoints_through_s3(tmp_path, s3):  # noqa: F811
     assert s3.keys(prefix) == []
 
 
-def test_a_custom_loop_resumes_exactly_through_the_store(tmp_path):
-    """save_training_state / load_training_state: what a hand-written loop (app/training) would use."""
-    import torch
-
-    def make():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
-        model[0].weight.requires_grad_(False)  # a frozen "base" weight: not saved, not restored
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
-        return model, optimizer, scheduler
-
-    data = torch.randn(10, 4, 8)
-
-    def train(model, optimizer, scheduler, steps, stop_after=None, uri=None):
-        start = 0
-        if uri and (latest := checkpoints.latest_checkpoint(uri, "loop")) is not None:
-            start = checkpoints.load_training_state(latest, model=model, optimizer=optimizer,
-                                                    scheduler=scheduler)["step"]
-        for step in range(start, steps):
-            loss = model(data[step]).pow(2).mean()  # dropout draws from the restored RNG
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            if uri and step + 1 == stop_after:
-                local = checkpoints.save_training_state(tmp_path / f"ckpt-{step + 1}", model=model,
-                                                        optimizer=optimizer, scheduler=scheduler, step=step + 1)
-                checkpoints.save_checkpoint(uri, step + 1, local, "loop")
-                return model
-        return model
-
-    straight = train(*make(), steps=10)
-    uri = artifacts.phase_uri(str(tmp_path / "store"), "r", "sft")
-    train(*make(), steps=10, stop_after=6, uri=uri)  # "killed" after its checkpoint at step 6
-    torch.manual_seed(123)  # the restarted process's RNG is wherever it is
-    resumed = train(*make(), steps=10, uri=uri)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-
-
 # ---------------------------------------------------------------------------------------------
 # Rollouts: chunked progress, resumed without redoing finished questions
 
