@@ -143,7 +143,7 @@ def test_adapter_for_another_base_model_is_refused(small_run, tmp_path):
     other = tmp_path / "other-base"
     build_tiny_model(other, warmup_steps=0, hidden_size=128, layers=2, log=lambda *_: None)
     with pytest.raises(InputError, match="adapter was trained for a base model of shape"):
-        run_phase("eval", store, run_id, other, "--eval-limit", "2")
+        run_phase("eval", store, run_id, other, "--eval-limit", "2", "--force")  # another config: redo it
 
 
 def publish_shards(store, run_id, phase, source_dir, source_manifest, names, num_shards=2):
