@@ -6,10 +6,10 @@ object it owns, or rewrites its settings is here, so that a library upgrade has 
 
 Checked against transformers 5.19.0, trl 1.16.0, peft 0.21.2, accelerate 1.15.0 (what `.venv`
 and both image locks pin; torch 2.13 CPU, 2.14 in the GPU image) by the tests named below, and
-measured with transformers 5.17.0, trl 1.16.0, peft 0.21.0, accelerate 1.15.0, torch 2.11 on
-the GPU. The figures are `python -m app bench` runs (H100 unless it says H200; one SFT step =
-16 GSM8K-length examples, one DPO step = 4 pairs), each change against the code without it in
-the same process.
+measured with transformers 5.17.0, trl 1.16.0, peft 0.21.0, torch 2.11 on the GPU. The figures
+are the bench's on the Mistral-7B shape (one H100 unless it says otherwise; an SFT step is 16
+GSM8K-length examples, a DPO step 4 pairs; items 5-7 from one SFT step with the levers switched
+on one by one), each change against the code without it on the same machine.
 
 Settings the phases pass (`host_arguments()`; not a patch, but the Trainer's defaults cost time)
   1. `logging_nan_inf_filter=False`: the HF Trainer's filter reads the loss back every step
@@ -31,9 +31,9 @@ Patches of objects the libraries own
      returns None while we train packed rows. It ends in a Python `if` on a GPU tensor at the
      start of every forward (a host sync); our attention gets the boundaries as cu_seqlens.
      Part of item 2's figure. Guarded by tests/training/test_attention.py.
-  5. `attention_implementation(model, name)`: each config's `_attn_implementation` set to our
-     registered `packed_varlen` (the public `set_attn_implementation` re-validates and walks
-     the model). Buys packing itself: padded batch 16 out of memory without checkpointing,
+  5. `attention_implementation(model, name)`: the private `_attn_implementation` of every config
+     in the model (PEFT wrapper and base) set to our registered `packed_varlen` for the block,
+     then put back. Buys packing itself: padded batch 16 out of memory without checkpointing,
      packed 7,634 tokens/s at 59 GiB. Guarded by tests/training/test_attention.py.
   6. `replaced_forwards(layers, forward)`: the instance `forward` of each PEFT LoRA Linear
      swapped for the fused one (`lora.py`), restored after. 7,634 -> 9,324 tokens/s, 59 -> 45 GiB.
@@ -65,8 +65,8 @@ Patches of objects the libraries own
  14. `DPOTrainer._precompute_ref_logps` (TRL private), with `precompute_ref_log_probs=True`:
      the reference log-probs in 16k-token packed no-grad rows, split over the ranks:
      58.6 pairs/s for the reference pass, then 15.21 pairs/s of training steps (eager; 12.08
-     together), and step 0 agrees with ln 2 only to bf16 rounding: off by default. Guarded by test_trainers.py
-     (`test_step_graphs_take_precomputed_reference_log_probs_as_inputs`).
+     together), and step 0 agrees with ln 2 only to bf16 rounding: off by default. Guarded by
+     test_trainers.py (`test_step_graphs_take_precomputed_reference_log_probs_as_inputs`).
  15. `DPOTrainer._metrics` (TRL private) filled in `log`: the reward metrics stay on the device
      and are read back once per logged step instead of TRL's six `.item()` per step (part of
      item 2's figure). Guarded by test_trainers.py (logged rewards/margins = TRL's).
