@@ -166,9 +166,12 @@ def run_uri(store: str, run_id: str) -> str:
     return join(store, "runs", run_id)
 
 
-def phase_uri(store: str, run_id: str, phase: str) -> str:
-    """The one place that says where a phase's artifacts live."""
-    return join(run_uri(store, run_id), phase)
+def phase_uri(store: str, run_id: str, phase: str, round: int = 1) -> str:
+    """The one place that says where a phase's artifacts live. Round r >= 2 of preference training
+    (rollouts, preferences, dpo again, from the latest policy) lives under `round-<r>/`."""
+    if round <= 1:
+        return join(run_uri(store, run_id), phase)
+    return join(run_uri(store, run_id), f"round-{round}", phase)
 
 
 def check_store(store: str) -> None:

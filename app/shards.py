@@ -37,7 +37,7 @@ def default_shard_index() -> int:
 
 def output_uri(config, phase: str) -> str:
     """Where a sharded phase (rollouts, eval) publishes: its own artifact, or its shard's."""
-    uri = artifacts.phase_uri(config.store, config.run_id, phase)
+    uri = artifacts.phase_uri(config.store, config.run_id, phase, getattr(config, "round", 1))
     return shard_uri(uri, config.shard_index) if config.num_shards > 1 else uri
 
 

@@ -4,6 +4,12 @@
     python scripts/chain.py --overlay h100 --run-id exp1 --from dpo   # resume at dpo
     python scripts/chain.py --overlay h100 --run-id exp1 --dry-run    # print the Jobs it would create
     python scripts/chain.py --overlay local --run-id exp1 --only sft  # one phase
+    python scripts/chain.py --overlay h100 --run-id exp1 --rounds 2   # a second round of preference training
+
+With `--rounds N`, rollouts -> preferences -> dpo run again N-1 times after the first DPO,
+before eval: round r's Jobs are `<run-id>-<phase>-r<r>` with PIPELINE_ROUND=r (they sample
+from and train on round r-1's DPO adapter; artifacts under `<store>/runs/<run-id>/round-<r>/`),
+and the eval Job gets PIPELINE_ROUNDS=N so it reports every round.
 
 For each phase, in order:
   1. skip it when its artifact is already published: `manifest.json` exists under
@@ -41,11 +47,12 @@ if str(ROOT) not in sys.path:
 
 from app.artifacts import MANIFEST, join, phase_uri, read_manifest  # noqa: E402
 from app.log import redact  # noqa: E402
-from app.phases import PHASES, SHARDED  # noqa: E402
+from app.phases import PHASES, SHARDED, run_steps, step_name  # noqa: E402
 
 PHASE_LABEL = "gsm8k.dev/phase"
 RUN_LABEL = "gsm8k.dev/run"
 STEP_LABEL = "gsm8k.dev/step"
+ROUND_LABEL = "gsm8k.dev/round"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 MAIN_CONTAINER = "phase"
 CONFIG_MAP = "pipeline-config"
@@ -159,26 +166,43 @@ def for_run(job: dict, run_id: str, *, force: bool = False) -> dict:
     return job
 
 
+def with_env(job: dict, name: str, value: str) -> dict:
+    """`job` with the variable set in every container (the config check's too)."""
+    job = copy.deepcopy(job)
+    pod = job["spec"]["template"]["spec"]
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        container.setdefault("env", []).append({"name": name, "value": value})
+    return job
+
+
 def sharded(job: dict, shards: int) -> dict:
     """The phase as an Indexed Job of `shards` pods at once: pod i writes shard i of N (the
     CLI reads JOB_COMPLETION_INDEX, which Kubernetes sets in an Indexed Job's pods)."""
-    job = copy.deepcopy(job)
+    job = with_env(job, "PIPELINE_NUM_SHARDS", str(shards))
     spec = job["spec"]
     # Retries are shared by all the pods, so scale them with the pod count.
     spec.update(completionMode="Indexed", completions=shards, parallelism=shards,
                 backoffLimit=spec.get("backoffLimit", 2) * shards)
-    pod = spec["template"]["spec"]
-    for container in pod.get("initContainers", []) + pod["containers"]:
-        container.setdefault("env", []).append({"name": "PIPELINE_NUM_SHARDS", "value": str(shards)})
     return job
 
 
-def merge_job(cpu_job: dict, phase: str, run_id: str, shards: int) -> dict:
+def in_round(job: dict, run_id: str, round: int) -> dict:
+    """The phase's Job for round `round` >= 2 of preference training: its own name and label, and
+    PIPELINE_ROUND, which points the phase at that round's place in the store."""
+    job = with_env(job, "PIPELINE_ROUND", str(round))
+    phase = job["metadata"]["labels"][PHASE_LABEL]
+    job["metadata"]["name"] = job_name(run_id, f"{phase}-r{round}")
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        labels[ROUND_LABEL] = str(round)
+    return job
+
+
+def merge_job(cpu_job: dict, phase: str, run_id: str, shards: int, round: int = 1) -> dict:
     """A small CPU Job, made from the preferences Job (which holds no GPU), that joins the
     shards into the phase's artifact: `python -m app merge --phase P --num-shards N`."""
     job = copy.deepcopy(cpu_job)
-    argv = ["merge", "--phase", phase, "--num-shards", str(shards)]
-    job["metadata"]["name"] = job_name(run_id, f"{phase}-merge")
+    argv = ["merge", "--phase", phase, "--num-shards", str(shards)] + (["--round", str(round)] if round > 1 else [])
+    job["metadata"]["name"] = job_name(run_id, f"{phase}-merge" if round <= 1 else f"{phase}-merge-r{round}")
     for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
         labels.update({PHASE_LABEL: phase, STEP_LABEL: "merge"})
     pod = job["spec"]["template"]["spec"]
@@ -207,22 +231,26 @@ class Step:
 
 
 def plan(jobs: dict[str, dict], run_id: str, store: str, *, start: str, stop: str, check_store: bool,
-         force: bool, shards: int = 1) -> list[Step]:
-    selected = PHASES[PHASES.index(start): PHASES.index(stop) + 1]
-    if not selected:
+         force: bool, shards: int = 1, rounds: int = 1) -> list[Step]:
+    if PHASES.index(start) > PHASES.index(stop):
         raise ChainError(f"--from {start} comes after --to {stop}")
     steps = []
-    for phase in selected:
+    for phase, round in run_steps(rounds, start, stop):
         job = for_run(jobs[phase], run_id, force=force)
+        if round > 1:
+            job = in_round(job, run_id, round)
+        if phase == "eval" and rounds > 1:
+            job = with_env(job, "PIPELINE_ROUNDS", str(rounds))
+        title = step_name((phase, round))
         if shards > 1 and phase in SHARDED:
-            phase_steps = [Step(phase, sharded(job, shards), title=f"{phase} ({shards} shards)"),
+            phase_steps = [Step(phase, sharded(job, shards), title=f"{title} ({shards} shards)"),
                            Step(phase, merge_job(for_run(jobs["preferences"], run_id, force=force), phase, run_id,
-                                                 shards), title=f"{phase} merge")]
+                                                 shards, round), title=f"{title} merge")]
         else:
-            phase_steps = [Step(phase, job)]
+            phase_steps = [Step(phase, job, title=title)]
         steps.extend(phase_steps)
         if check_store and not force:
-            uri = phase_uri(store, run_id, phase)
+            uri = phase_uri(store, run_id, phase, round)
             try:
                 manifest = read_manifest(uri)
             except Exception as exc:  # noqa: BLE001 - any store failure ends the chain with its message
@@ -505,6 +533,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=1,
                         help="run rollouts and eval as Indexed Jobs of N pods (one shard each), each followed by "
                              "a CPU Job `python -m app merge --phase P --num-shards N`")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of preference training: after the first DPO, rollouts -> preferences -> dpo "
+                             "N-1 more times from the latest policy (Jobs <run-id>-<phase>-r<r>), then eval of every round")
     parser.add_argument("--store", help="artifact store to check (default: the ConfigMap's PIPELINE_STORE)")
     parser.add_argument("--namespace", help="namespace (default: the rendered Jobs' namespace)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config, "
@@ -534,8 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ChainError("no PIPELINE_STORE in the ConfigMap; pass --store or --no-skip")
         if args.shards < 1:
             raise ChainError("--shards must be at least 1")
+        if args.rounds < 1:
+            raise ChainError("--rounds must be at least 1")
         steps = plan(jobs, args.run_id, store, start=args.start, stop=args.stop, check_store=not args.no_skip,
-                     force=args.force, shards=args.shards)
+                     force=args.force, shards=args.shards, rounds=args.rounds)
         if args.dry_run:
             print_dry_run(steps)
             return 0
@@ -588,7 +621,8 @@ def run(cluster: Cluster, steps: list[Step], args: argparse.Namespace) -> int:
                     lines.append(f"exit code {outcome.exit_code}: {meaning}")
                 lines.append(f"logs: kubectl -n {cluster.namespace} logs job/{name} --all-containers")
                 lines.append(f"after fixing it, resume with: python scripts/chain.py {source} "
-                             f"--run-id {args.run_id} --from {step.phase}")
+                             f"--run-id {args.run_id} --from {step.phase}"
+                             + (f" --rounds {args.rounds}" if args.rounds > 1 else ""))
                 say("\n  ".join(lines))
                 return 1
             say(f"{step.title}: Job complete in {minutes:.1f} min")

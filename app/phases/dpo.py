@@ -4,7 +4,8 @@
     python -m app.launch --nproc-per-node 8 dpo --preset abel-7b \\
         --store s3://bucket/gsm8k --run-id r1                          # reference case, 8 GPUs
 
-Policy = base + SFT LoRA, trainable. Reference = base + the same SFT LoRA, frozen:
+Policy = base + SFT LoRA, trainable. Reference = base + the same SFT LoRA, frozen
+(`--round r` >= 2: both start as round r-1's DPO adapter, the latest policy, on round r's pairs):
 TRL copies the loaded adapter into a second, frozen adapter named `ref` inside the one
 model, so there is no second 7B copy in memory and the reference is the SFT model, not
 the pre-SFT base. Because policy and reference start identical, the first step's loss
@@ -32,7 +33,7 @@ from app.data import read_jsonl
 from app.errors import InputError
 from app.log import log
 from app.models import check_adapter_matches, load_causal_lm, load_tokenizer, record_base_shape, resolve_base_model
-from app.phases import begin
+from app.phases import ROUND_HELP, begin, policy_input, policy_uri
 from app.phases.preferences import PAIR_TYPES
 from app.presets import DPO_RECIPES
 
@@ -42,6 +43,7 @@ LN2 = math.log(2)
 @dataclass
 class Config(RunConfig):
     dpo_epochs: float = option(1.0, "training epochs over the pairs")
+    round: int = option(1, ROUND_HELP)
     dpo_learning_rate: float = option(5e-6, "peak learning rate")
     dpo_batch_size: int = option(2, "pairs per device per step")
     dpo_grad_accum: int = option(2, "gradient accumulation steps")
@@ -63,6 +65,7 @@ class Config(RunConfig):
     def validate(self) -> None:
         super().validate()
         require(self.dpo_epochs > 0, "--dpo-epochs must be > 0")
+        require(self.round >= 1, f"--round must be >= 1, got {self.round}")
         require(0 < self.dpo_learning_rate < 1, f"--dpo-learning-rate must be in (0, 1), got {self.dpo_learning_rate}")
         require(self.dpo_batch_size >= 1 and self.dpo_grad_accum >= 1, "--dpo-batch-size and --dpo-grad-accum must be >= 1")
         require(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
@@ -80,15 +83,15 @@ class Config(RunConfig):
 
 
 def main(config: Config) -> dict | None:
-    out_uri = artifacts.phase_uri(config.store, config.run_id, "dpo")
+    out_uri = artifacts.phase_uri(config.store, config.run_id, "dpo", config.round)
     if (published := begin("dpo", out_uri, config)) is not None:
         return published
     started = time.time()
-    prefs_uri = artifacts.phase_uri(config.store, config.run_id, "preferences")
-    sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
+    prefs_uri = artifacts.phase_uri(config.store, config.run_id, "preferences", config.round)
+    start_uri = policy_uri(config.store, config.run_id, config.round)  # round r >= 2: round r-1's DPO adapter
     prefs_dir, prefs_manifest = artifacts.fetch(prefs_uri)
     pairs = read_pairs(prefs_dir / "preferences.jsonl", config.pair_types)
-    sft_dir, sft_manifest = artifacts.fetch(sft_uri)
+    start_dir, start_manifest = artifacts.fetch(start_uri)
     kinds = [p.pop("type") for p in pairs]  # the trainer's rows: prompt, chosen, rejected
     by_type = {kind: kinds.count(kind) for kind in config.pair_types}
     log(f"pairs: {len(pairs)} ({', '.join(f'{n} {kind}' for kind, n in by_type.items())})")
@@ -102,7 +105,7 @@ def main(config: Config) -> dict | None:
     resumed_step = checkpoints.checkpoint_info(resume)["step"] if resume else 0
     log(f"dpo: resuming from {resume} (step {resumed_step})" if resume else
         "dpo: no checkpoint to resume from; starting at step 0")
-    trainer, tokenizer = build_trainer(config, base_path, str(sft_dir), pairs,
+    trainer, tokenizer = build_trainer(config, base_path, str(start_dir), pairs,
                                        callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
     if resume:
         checkpoints.restore_trained_adapter(trainer.model, resume)  # the Trainer's resume loads only `ref`
@@ -137,7 +140,7 @@ def main(config: Config) -> dict | None:
         manifest = artifacts.publish(
             work, out_uri, phase="dpo", config=config.to_dict(), identity=config.identity(),
             inputs={"preferences": artifacts.lineage_entry(prefs_uri, prefs_manifest),
-                    "sft": artifacts.lineage_entry(sft_uri, sft_manifest), "base": base_lineage},
+                    policy_input(config.round): artifacts.lineage_entry(start_uri, start_manifest), "base": base_lineage},
             metrics=metrics, timings={"total_s": round(time.time() - started, 1)}, overwrite=config.force)
     checkpoints.clear_checkpoints(out_uri, scratch=trainer.args.output_dir)  # the artifact is what counts now
     log(f"dpo: published {out_uri}")

@@ -20,6 +20,10 @@ base -> dpo, `summary.json["paired"][dataset]["base->sft"]` holds the accuracy d
 95% paired-bootstrap interval (10,000 resamples of the questions, seed 0), the questions
 fixed and broken, and the exact two-sided McNemar p-value (a binomial test on the flips).
 
+`--rounds N` (with dpo among `--models`) adds each later round's policy, `dpo-r2` ...
+`dpo-rN` (from `<run>/round-<r>/dpo/`), to the table; the paired comparisons are then each
+model against the one before it (dpo -> dpo-r2, ...) and base and sft against the last.
+
 With `--num-shards N` each pod of an Indexed Job evaluates one shard of the questions;
 `python -m app merge --phase eval --num-shards N` joins them (`merge_shards`).
 """
@@ -54,6 +58,8 @@ class Config(RunConfig):
                             location=True)
     platinum: bool = option(False, "also evaluate on GSM8K-Platinum (hf:madrylab/gsm8k-platinum)")
     models: list[str] = option(list(MODEL_ORDER), "which models to evaluate: base, sft, dpo (comma-separated)")
+    rounds: int = option(1, "rounds of preference training: with dpo, also evaluate each later round's policy "
+                         "(dpo-r2 ... dpo-rN, from <run>/round-<r>/dpo/)")
     eval_limit: int = option(0, "evaluate only the first N questions of each dataset (0 = all)")
     prompt_format: str = option("abel", "prompt format: abel, plain or chat")
     max_new_tokens: int = option(512, "longest answer in tokens")
@@ -73,6 +79,7 @@ class Config(RunConfig):
         super().validate()
         bad = [m for m in self.models if m not in MODEL_ORDER]
         require(not bad and bool(self.models), f"--models {self.models}: choose from {', '.join(MODEL_ORDER)}")
+        require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
         require(self.eval_limit >= 0, "--eval-limit must be >= 0")
         require(self.max_new_tokens >= 1 and self.question_batch_size >= 1,
                 "--max-new-tokens and --question-batch-size must be >= 1")
@@ -80,6 +87,11 @@ class Config(RunConfig):
         require(self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
                 f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
         require(0 <= self.max_reject_rate <= 1, "--max-reject-rate must be in [0, 1]")
+
+    def evaluated_models(self) -> list[str]:
+        """The models in order: base, sft, dpo (round 1), then dpo-r2 ... dpo-rN."""
+        later = [round_model(r) for r in range(2, self.rounds + 1)] if "dpo" in self.models else []
+        return [m for m in MODEL_ORDER if m in self.models] + later
 
     def datasets(self) -> dict[str, str]:
         named = {dataset_name(self.eval_data): self.eval_data}
@@ -91,6 +103,20 @@ class Config(RunConfig):
         values = super().identity()
         values.pop("question_batch_size")
         return values
+
+
+def round_model(round: int) -> str:
+    """The eval name of round `round`'s DPO policy: dpo, dpo-r2, dpo-r3, ..."""
+    return "dpo" if round <= 1 else f"dpo-r{round}"
+
+
+def model_round(model: str) -> int:
+    return 1 if model == "dpo" else int(model.rsplit("-r", 1)[1])
+
+
+def model_rank(model: str) -> int:
+    """Where a model sits in the tables: base, sft, dpo, dpo-r2, ..."""
+    return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER) + model_round(model) - 2
 
 
 def dataset_name(spec: str) -> str:
@@ -108,9 +134,10 @@ def main(config: Config) -> dict | None:
     started = time.time()
 
     adapters, inputs = {}, {}
-    for name in ("sft", "dpo"):
-        if name in config.models:
-            uri = artifacts.phase_uri(config.store, config.run_id, name)
+    for name in config.evaluated_models():
+        if name != "base":
+            uri = artifacts.phase_uri(config.store, config.run_id, "sft") if name == "sft" else \
+                artifacts.phase_uri(config.store, config.run_id, "dpo", model_round(name))
             path, manifest = artifacts.fetch(uri)
             adapters[name], inputs[name] = str(path), artifacts.lineage_entry(uri, manifest)
 
@@ -162,7 +189,7 @@ def merge_shards(shards: list[tuple[Path, dict]], work: Path, run_id: str) -> di
     fields = {f.name for f in dataclasses.fields(Config) if f.init}
     shard_config = Config(**{k: v for k, v in shards[0][1]["config"].items() if k in fields})
     records = {(dataset, model): [row for path, _ in shards for _, row in read_jsonl(path / result_file(dataset, model))]
-               for dataset in shard_config.datasets() for model in MODEL_ORDER if model in shard_config.models}
+               for dataset in shard_config.datasets() for model in shard_config.evaluated_models()}
     summary, report = write_results(work, records, run_id)
     for line in report.splitlines():
         log(line)
@@ -185,7 +212,7 @@ def generate_answers(config: Config, base_path: str, adapters: dict, datasets: d
     try:
         for dataset, problems in datasets.items():
             prompts = [build_prompt(p.question, "direct", config.prompt_format, tokenizer) for p in problems]
-            for model in [m for m in MODEL_ORDER if m in config.models]:
+            for model in config.evaluated_models():
                 outputs = generator.generate(prompts, sampling, adapter=None if model == "base" else model,
                                              desc=f"eval/{dataset}/{model}")
                 rows = []
@@ -277,7 +304,7 @@ def summarize(records: dict) -> dict:
             "ci95": [round(low, 4), round(high, 4)], "truncated": sum(r["truncated"] for r in rows)}
     paired: dict[str, dict] = {}
     for dataset, by_model in results.items():
-        models = [m for m in MODEL_ORDER if m in by_model]
+        models = sorted(by_model, key=model_rank)
         paired[dataset] = {f"{b}->{a}": {"before": b, "after": a,
                                          **paired_comparison(records[(dataset, b)], records[(dataset, a)])}
                            for b, a in comparisons(models)}
@@ -293,7 +320,7 @@ def _flips(before: list[dict], after: list[dict]) -> tuple[int, int]:
 def render_report(summary: dict, records: dict, run_id: str) -> str:
     lines = [f"# Evaluation, run `{run_id}`", ""]
     for dataset, by_model in summary["results"].items():
-        models = [m for m in MODEL_ORDER if m in by_model]
+        models = sorted(by_model, key=model_rank)
         lines += [f"## {dataset}", "", "| model | accuracy | 95% CI | correct / total | vs previous |",
                   "|---|---|---|---|---|"]
         previous = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from app import artifacts
 from app.config import RunConfig, option, require
 from app.log import log
-from app.phases import SHARDED, begin
+from app.phases import ROUND_HELP, SHARDED, begin
 from app.shards import fetch_shards
 
 
@@ -26,15 +26,17 @@ from app.shards import fetch_shards
 class Config(RunConfig):
     phase: str = option("rollouts", f"which sharded phase to merge: {' or '.join(SHARDED)}")
     num_shards: int = option(2, "how many shards the Indexed Job wrote")
+    round: int = option(1, f"rollouts only: {ROUND_HELP}")
 
     def validate(self) -> None:
         super().validate()
         require(self.phase in SHARDED, f"--phase {self.phase!r}: use {' or '.join(SHARDED)}")
         require(self.num_shards >= 1, "--num-shards must be >= 1")
+        require(self.round == 1 or self.phase == "rollouts", "--round: only rollouts have rounds (eval takes --rounds)")
 
 
 def main(config: Config) -> dict | None:
-    out_uri = artifacts.phase_uri(config.store, config.run_id, config.phase)
+    out_uri = artifacts.phase_uri(config.store, config.run_id, config.phase, config.round)
     if (published := begin(f"merge {config.phase}", out_uri, config, f"shards={config.num_shards}")) is not None:
         return published
     started = time.time()

@@ -3,6 +3,12 @@
     python -m app pipeline                          # embedded demo: tiny model, CPU, a few minutes
     python -m app pipeline --run-id try2 --from dpo # resume a run at DPO (earlier phases must exist)
     python -m app pipeline --preset abel-7b --store s3://bucket/gsm8k --run-id r1   # one GPU box
+    python -m app pipeline --preset small --run-id pg --rounds 2    # two rounds of preference training
+
+`--rounds N` repeats rollouts -> preferences -> dpo after the first DPO, N-1 more times (Iterative
+RPO): round r samples from the latest policy (base + round r-1's DPO adapter), pairs its own
+trajectories, and trains DPO from that adapter with it as the frozen reference; round r's
+artifacts live under `<store>/runs/<run-id>/round-<r>/`, and eval reports every round.
 
 Every flag of every phase is accepted here and handed to the phases that have it.
 Each phase publishes its artifact before the next starts, and a phase already
@@ -22,7 +28,7 @@ import typing
 from app import artifacts
 from app.config import RunConfig, option, require
 from app.log import banner, log
-from app.phases import PHASES, check_inputs
+from app.phases import PHASES, check_inputs, run_steps, step_name
 
 PHASE_MODULES = {name: f"app.phases.{name}" for name in PHASES}
 
@@ -34,7 +40,8 @@ def _phase_config_classes() -> dict[str, type]:
 def _union_fields() -> list[tuple]:
     """Every phase's fields once (the first definition wins), for the pipeline's own flags."""
     # One process runs every phase, so the Indexed-Job sharding flags have no meaning here.
-    base_names = {f.name for f in dataclasses.fields(RunConfig)} | {"num_shards", "shard_index"}
+    # Nor does a phase's --round: the pipeline runs every round (--rounds) itself.
+    base_names = {f.name for f in dataclasses.fields(RunConfig)} | {"num_shards", "shard_index", "round"}
     seen: dict[str, tuple] = {}
     for cls in _phase_config_classes().values():
         hints = typing.get_type_hints(cls)
@@ -70,17 +77,27 @@ class Config(_PipelineFields):
     def phases(self) -> list[str]:
         return list(PHASES[PHASES.index(self.from_phase): PHASES.index(self.to_phase) + 1])
 
-    def phase_configs(self) -> dict[str, RunConfig]:
+    def steps(self) -> list[tuple[str, int]]:
+        """(phase, round) in the order they run: round 1's phases, then rollouts, preferences and
+        dpo again for each later round, before eval; from the first --from through the last --to
+        (`--rounds 2 --from dpo` trains round 1's DPO, then all of round 2, then evaluates)."""
+        return run_steps(self.rounds, self.from_phase, self.to_phase)
+
+    def phase_configs(self, round: int = 1) -> dict[str, RunConfig]:
+        """Each phase's config; those with a --round (rollouts, preferences, dpo) set to `round`."""
         values = dataclasses.asdict(self)
         out = {}
         for name, cls in _phase_config_classes().items():
             names = {f.name for f in dataclasses.fields(cls) if f.init}
             out[name] = cls(**{k: v for k, v in values.items() if k in names})
+            if "round" in names:
+                out[name].round = round
         return out
 
 
 def main(config: Config) -> dict:
-    banner(f"pipeline  run={config.run_id}  phases={' -> '.join(config.phases())}  "
+    steps = config.steps()
+    banner(f"pipeline  run={config.run_id}  phases={' -> '.join(map(step_name, steps))}  "
            f"-> {artifacts.run_uri(config.store, config.run_id)}")
     artifacts.check_store(config.store)
     configs = config.phase_configs()
@@ -88,12 +105,13 @@ def main(config: Config) -> dict:
         check_inputs(configs[name])
     timings: dict[str, dict] = {}
     started = time.time()
-    for name in config.phases():
+    for name, r in steps:
+        phase_config = config.phase_configs(r)[name]
         phase_started = time.time()
-        uri = artifacts.phase_uri(config.store, config.run_id, name)
-        skipped = not config.force and artifacts.is_current(uri, configs[name].identity())
-        importlib.import_module(PHASE_MODULES[name]).main(configs[name])
-        timings[name] = {"seconds": round(time.time() - phase_started, 1), "skipped": skipped}
+        uri = artifacts.phase_uri(config.store, config.run_id, name, r)
+        skipped = not config.force and artifacts.is_current(uri, phase_config.identity())
+        importlib.import_module(PHASE_MODULES[name]).main(phase_config)
+        timings[step_name((name, r))] = {"seconds": round(time.time() - phase_started, 1), "skipped": skipped}
     report = run_report(config, timings, time.time() - started)
     backend, key = artifacts.open_store(artifacts.run_uri(config.store, config.run_id))
     backend.write_bytes(artifacts.join(key, "report.md") if key else "report.md", report.encode())
@@ -107,16 +125,17 @@ def run_report(config: Config, timings: dict, total_seconds: float) -> str:
     """One page: what each phase did, how long it took, and the accuracy table."""
     lines = [f"# Run `{config.run_id}`", "", f"Store: `{config.store}`  preset: `{config.preset}`  "
              f"base model: `{config.base_model}`", "", "| phase | status | time | key numbers |", "|---|---|---|---|"]
-    for name in PHASES:
-        manifest = artifacts.read_manifest(artifacts.phase_uri(config.store, config.run_id, name))
+    for name, r in run_steps(config.rounds):
+        manifest = artifacts.read_manifest(artifacts.phase_uri(config.store, config.run_id, name, r))
+        label = step_name((name, r))
         if manifest is None:
-            lines.append(f"| {name} | not published | | |")
+            lines.append(f"| {label} | not published | | |")
             continue
-        timing = timings.get(name)
+        timing = timings.get(label)
         status = "skipped (already published)" if timing and timing["skipped"] else ("ran" if timing else "earlier run")
         seconds = f"{timing['seconds']:.0f}s" if timing and not timing["skipped"] else \
             f"{manifest.get('timings', {}).get('total_s', 0):.0f}s (then)"
-        lines.append(f"| {name} | {status} | {seconds} | {_key_numbers(name, manifest.get('metrics', {}))} |")
+        lines.append(f"| {label} | {status} | {seconds} | {_key_numbers(name, manifest.get('metrics', {}))} |")
     lines += ["", f"Total wall time this invocation: {total_seconds:.0f}s", ""]
     eval_uri = artifacts.phase_uri(config.store, config.run_id, "eval")
     if artifacts.read_manifest(eval_uri) is not None:
@@ -142,7 +161,6 @@ def _key_numbers(name: str, metrics: dict) -> str:
     if name == "eval":
         parts = []
         for dataset, by_model in metrics.get("results", {}).items():
-            parts.append(f"{dataset}: " + " -> ".join(f"{m} {by_model[m]['accuracy']:.1%}"
-                                                      for m in ("base", "sft", "dpo") if m in by_model))
+            parts.append(f"{dataset}: " + " -> ".join(f"{m} {by_model[m]['accuracy']:.1%}" for m in by_model))
         return "; ".join(parts)
     return ""

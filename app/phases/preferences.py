@@ -42,13 +42,14 @@ from app.data import read_jsonl, write_jsonl
 from app.errors import InputError
 from app.log import log
 from app.models import load_tokenizer, resolve_base_model
-from app.phases import begin
+from app.phases import ROUND_HELP, begin
 from app.prompts import build_prompt, sft_target
 
 
 @dataclass
 class Config(RunConfig):
     prompt_format: str = option("abel", "prompt format of the pair prompts: abel, plain or chat")
+    round: int = option(1, ROUND_HELP)
     quality_threshold: float = option(0.15, "least reward gap between two correct trajectories for a quality pair")
     max_correctness_pairs_per_question: int = option(4, "cap on correct-vs-incorrect pairs per question")
     max_quality_pairs_per_question: int = option(2, "cap on quality pairs per question")
@@ -58,6 +59,7 @@ class Config(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        require(self.round >= 1, f"--round must be >= 1, got {self.round}")
         require(self.quality_threshold >= 0, f"--quality-threshold must be >= 0, got {self.quality_threshold}")
         require(self.max_correctness_pairs_per_question >= 0 and self.max_quality_pairs_per_question >= 0
                 and self.max_gold_pairs_per_question >= 0, "pair caps must be >= 0")
@@ -67,11 +69,11 @@ class Config(RunConfig):
 
 
 def main(config: Config) -> dict | None:
-    out_uri = artifacts.phase_uri(config.store, config.run_id, "preferences")
+    out_uri = artifacts.phase_uri(config.store, config.run_id, "preferences", config.round)
     if (published := begin("preferences", out_uri, config)) is not None:
         return published
     started = time.time()
-    rollouts_uri = artifacts.phase_uri(config.store, config.run_id, "rollouts")
+    rollouts_uri = artifacts.phase_uri(config.store, config.run_id, "rollouts", config.round)
     rollouts_dir, rollouts_manifest = artifacts.fetch(rollouts_uri)
     records = read_rollouts(rollouts_dir / "rollouts.jsonl", need_solution=config.gold_anchored)
 

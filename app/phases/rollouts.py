@@ -7,8 +7,9 @@
     # N pods of an Indexed Job: each takes shard JOB_COMPLETION_INDEX of N, then
     python -m app merge --phase rollouts --num-shards N ...            # combine the shards (merge_shards)
 
-The policy is base + SFT adapter, served unmerged. Each question is asked under the
-prompt variants (direct, reflective, deliberative); `--samples-per-question` trajectories
+The policy is base + SFT adapter, served unmerged (with `--round r` >= 2: base + round
+r-1's DPO adapter, the latest policy; output under `<run>/round-<r>/rollouts/`). Each
+question is asked under the prompt variants (direct, reflective, deliberative); `--samples-per-question` trajectories
 per question are spread evenly over them (or set `--samples-per-variant`). `--n-samples N`
 (the reference guide's flag, = `--rollout-limit N`) takes the first N questions. The total
 number of trajectories is printed before generating; more than 200,000 (or more
@@ -44,7 +45,7 @@ from app.errors import StorageError
 from app.generation import Sampling, make_generator
 from app.log import log
 from app.models import check_adapter_matches, load_tokenizer, resolve_base_model
-from app.phases import begin
+from app.phases import ROUND_HELP, begin, policy_input, policy_uri
 from app.prompts import VARIANTS, build_prompt
 from app.rewards import RewardWeights, score_trajectory
 from app.shards import default_shard_index, output_uri, shard_slice
@@ -63,6 +64,7 @@ class Config(RunConfig):
     rollout_limit: int = option(0, "roll out only the first N questions (0 = all)", aliases=("--n-samples",))
     prompt_format: str = option("abel", "prompt format: abel, plain or chat")
     variants: list[str] = option(["direct", "reflective", "deliberative"], "prompt variants, comma-separated")
+    round: int = option(1, ROUND_HELP)
     samples_per_question: int = option(8, "trajectories per question, spread evenly over the variants")
     samples_per_variant: int = option(0, "trajectories per variant (overrides --samples-per-question when > 0)")
     temperature: float = option(1.0, "sampling temperature")
@@ -90,6 +92,7 @@ class Config(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        require(self.round >= 1, f"--round must be >= 1, got {self.round}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         require(not unknown, f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
         require(bool(self.variants), "--variants must name at least one variant")
@@ -127,8 +130,8 @@ def main(config: Config) -> dict | None:
     out_uri = output_uri(config, "rollouts")
     if (published := begin("rollouts", out_uri, config, f"shard={config.shard_index}/{config.num_shards}")) is not None:
         return published
-    sft_uri = artifacts.phase_uri(config.store, config.run_id, "sft")
-    sft_dir, sft_manifest = artifacts.fetch(sft_uri)
+    start_uri = policy_uri(config.store, config.run_id, config.round)  # round 1: SFT; round r: DPO of round r-1
+    start_dir, start_manifest = artifacts.fetch(start_uri)
 
     started = time.time()
     problems, report = load_problems(config.rollout_data, split="train", limit=config.rollout_limit or None,
@@ -158,7 +161,7 @@ def main(config: Config) -> dict | None:
         log(f"rollouts: progress saved, {end}/{len(problems)} questions done")
 
     base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
-    records, stats_line, stats = generate_and_score(config, base_path, str(sft_dir), problems, done=done,
+    records, stats_line, stats = generate_and_score(config, base_path, str(start_dir), problems, done=done,
                                                     on_chunk=save_chunk)
     log(stats_line)
 
@@ -173,7 +176,7 @@ def main(config: Config) -> dict | None:
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         manifest = artifacts.publish(
             work, out_uri, phase="rollouts", config=config.to_dict(), identity=config.identity(),
-            inputs={"sft": artifacts.lineage_entry(sft_uri, sft_manifest), "base": base_lineage,
+            inputs={policy_input(config.round): artifacts.lineage_entry(start_uri, start_manifest), "base": base_lineage,
                     "rollout_data": {"spec": config.rollout_data}},
             metrics={k: v for k, v in summary.items() if k != "throughput"},
             timings={"total_s": round(time.time() - started, 1), "generation": stats}, overwrite=config.force)

@@ -48,9 +48,13 @@ def params(wft: dict) -> dict[str, str]:
 def test_phases_run_in_order_each_behind_its_check(template):
     steps = [group[0] for group in templates(template)["pipeline"]["steps"]]
     expected = [name for phase in PHASES for name in (f"check-{phase}", phase)]
+    expected.insert(expected.index("check-eval"), "later-rounds")  # rounds 2..N of preference training
     assert [s["name"] for s in steps] == expected
     for step in steps:
-        if step["name"].startswith("check-"):
+        if step["name"] == "later-rounds":
+            assert step["template"] == "round" and step["arguments"]["parameters"] == [{"name": "round", "value": "2"}]
+            assert step["when"] == "{{workflow.parameters.rounds}} >= 2"
+        elif step["name"].startswith("check-"):
             assert step["template"] == "check"
             assert step["arguments"]["parameters"] == [{"name": "phase", "value": step["name"][6:]}]
         else:
@@ -102,7 +106,7 @@ def test_gpu_phases_take_eight_h100s_and_the_launcher_uses_them(template):
         assert tmpl["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     for phase in ("sft", "dpo"):
         nproc, argv = launched(templates(template)[phase]["container"]["command"])
-        assert nproc == 8 and argv == [phase]
+        assert nproc == 8 and argv[:1] == [phase] and argv[1:] in ([], ["--round", "{{inputs.parameters.round}}"])
     assert "nvidia.com/gpu" not in str(templates(template)["preferences"]["container"]["resources"])
 
 
@@ -113,19 +117,39 @@ def test_phase_commands_parse_with_the_cli(template, h100_config):
     for phase in PHASES:
         container = templates(template)[phase]["container"]
         argv = app_argv(container["command"])
+        if "--round" in argv:  # rollouts, preferences, dpo: the round's parameter, 1 by default
+            assert argv[-2:] == ["--round", "{{inputs.parameters.round}}"]
+            assert templates(template)[phase]["inputs"]["parameters"] == [{"name": "round", "value": "1"}]
+            argv = argv[:-2]
         assert argv == [phase] and phase in COMMANDS
         env = {**h100_config, "PIPELINE_RUN_ID": run_id, "PIPELINE_FORCE": params(template)["force"]}
         name, config = parse(argv, environ=env)
         assert (name, config.run_id, config.preset) == (phase, run_id, "abel-7b")
 
 
+def test_a_round_runs_rollouts_preferences_dpo_at_its_round_then_the_next(template):
+    from app.phases import ROUND_PHASES
+
+    steps = [group[0] for group in templates(template)["round"]["steps"]]
+    assert [s["name"] for s in steps] == [n for p in ROUND_PHASES for n in (f"check-{p}", p)] + ["next-round"]
+    here = {"name": "round", "value": "{{inputs.parameters.round}}"}
+    for step in steps[:-1]:
+        assert here in step["arguments"]["parameters"]
+    assert steps[-1]["template"] == "round"
+    assert steps[-1]["arguments"]["parameters"] == [{"name": "round", "value": "{{=asInt(inputs.parameters.round) + 1}}"}]
+    assert steps[-1]["when"] == "{{inputs.parameters.round}} < {{workflow.parameters.rounds}}"
+    assert params(template)["rounds"] == "1"
+
+
 # ---------------------------------------------------------------------------------------------
 # The check step's script, run here
 
 
-def run_check(template, tmp_path, phase: str, *, start="sft", force="false", run_id="exp1", store=None):
+def run_check(template, tmp_path, phase: str, *, start="sft", force="false", run_id="exp1", store=None, round=1,
+              rounds=1):
     source = templates(template)["check"]["script"]["source"]
     source = source.replace("{{inputs.parameters.phase}}", phase).replace("{{workflow.parameters.from}}", start)
+    source = source.replace("{{inputs.parameters.round}}", str(round)).replace("{{workflow.parameters.rounds}}", str(rounds))
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path),
            "PIPELINE_STORE": store or str(tmp_path / "store"), "PIPELINE_PRESET": "tiny",
            "PIPELINE_RUN_ID": run_id, "PIPELINE_FORCE": force}
@@ -155,6 +179,21 @@ def test_check_skips_a_published_phase(template, tmp_path):
 def test_check_skips_phases_before_the_resume_point(template, tmp_path):
     assert run_check(template, tmp_path, "sft", start="dpo").stdout == "skip\n"
     assert run_check(template, tmp_path, "dpo", start="dpo").stdout == "run\n"
+
+
+def test_check_reads_each_rounds_own_place(template, tmp_path):
+    from app.artifacts import phase_uri, publish
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"w")
+    publish(out, phase_uri(str(tmp_path / "store"), "exp1", "dpo", 2), phase="dpo", config={})
+    assert run_check(template, tmp_path, "dpo", round=2, rounds=3).stdout == "skip\n"
+    assert run_check(template, tmp_path, "dpo", round=3, rounds=3).stdout == "run\n"
+    assert run_check(template, tmp_path, "dpo", rounds=3).stdout == "run\n"  # round 1 is not published
+    # resuming at dpo still runs the later rounds; resuming at eval skips them
+    assert run_check(template, tmp_path, "rollouts", start="dpo", round=3, rounds=3).stdout == "run\n"
+    assert run_check(template, tmp_path, "rollouts", start="eval", round=3, rounds=3).stdout == "skip\n"
 
 
 def test_check_fails_fast_on_a_config_error(template, tmp_path):

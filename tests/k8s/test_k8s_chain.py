@@ -396,6 +396,41 @@ def test_a_published_sharded_phase_skips_the_merge_too(kube, rendered, tmp_path,
     assert "eval (4 shards): skipped" in err and "eval merge: skipped" in err
 
 
+def test_rounds_run_rollouts_preferences_dpo_again_before_eval(kube, rendered, tmp_path, capsys):
+    from app.artifacts import phase_uri
+    from app.artifacts import publish as publish_artifact
+    from app.cli import parse
+
+    store = str(tmp_path / "store")
+    for phase in ("sft", "rollouts", "preferences", "dpo"):
+        publish(store, "r30", phase, tmp_path)
+    out = tmp_path / "out-r2"
+    out.mkdir()
+    (out / "result.json").write_text("{}")
+    publish_artifact(out, phase_uri(store, "r30", "rollouts", 2), phase="rollouts", config={})  # round 2 half done
+    fake = kube()
+    assert run_chain(fake, rendered, tmp_path, "--run-id", "r30", "--rounds", "3", "--store", store,
+                     "--shards", "2") == 0
+    _, err = capsys.readouterr()
+    assert "round-2/rollouts (2 shards): skipped" in err and "round-2/rollouts merge: skipped" in err
+    assert created(fake) == ["r30-preferences-r2", "r30-dpo-r2", "r30-rollouts-r3", "r30-rollouts-merge-r3",
+                             "r30-preferences-r3", "r30-dpo-r3", "r30-eval", "r30-eval-merge"]
+
+    def env(name):
+        containers = fake.jobs[name]["spec"]["template"]["spec"]
+        return [{e["name"]: e.get("value") for e in c.get("env", [])} for c in containers.get("initContainers", []) +
+                containers["containers"]]
+
+    # every container of a round's Job (the config check too) is pointed at the round
+    assert all(e["PIPELINE_ROUND"] == "3" for e in env("r30-dpo-r3"))
+    assert fake.jobs["r30-dpo-r3"]["metadata"]["labels"]["gsm8k.dev/round"] == "3"
+    assert all(e["PIPELINE_ROUNDS"] == "3" and "PIPELINE_ROUND" not in e for e in env("r30-eval"))
+    assert parse(["dpo"], environ={"PIPELINE_ROUND": "3"})[1].round == 3
+    assert parse(["eval"], environ={"PIPELINE_ROUNDS": "3"})[1].evaluated_models()[-1] == "dpo-r3"
+    merge = fake.jobs["r30-rollouts-merge-r3"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert merge[-2:] == ["--round", "3"] and parse(merge[3:], environ={})[1].round == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Dry run, rendering, permissions
 
