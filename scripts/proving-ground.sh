@@ -6,7 +6,7 @@
 #   scripts/proving-ground.sh sweep           # only: the recipes on round 1's SFT adapter and pairs
 #   STORE=/data/pg RUN=pg2 scripts/proving-ground.sh
 #
-# pipeline: `python -m app pipeline --preset small --rounds 2`: builds and pretrains the 31.5 M
+# pipeline: `python -m app pipeline --preset small --rounds 2`: builds and pretrains the 30.9 M
 #   model, SFT, rollouts, pairs, DPO (the preset's recipe: DPO + NLL weight 1), a second round
 #   from that policy, and eval of base / SFT / DPO / DPO round 2 on 1,000 held-out test questions
 #   with paired intervals (<store>/runs/<run>/eval/report.md).
