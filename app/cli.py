@@ -280,10 +280,20 @@ def _run(argv: list[str]) -> int:
         return EXIT_RETRYABLE
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+            return _crashed()
         # Nothing was published (a manifest is written last); a new pod may have room: retry.
         warn(f"error: disk full: {exc}")
         return EXIT_RETRYABLE
+    except Exception:  # noqa: BLE001 - a crash: its traceback, as Python prints it, but redacted
+        return _crashed()
+
+
+def _crashed() -> int:
+    """A bug or an unexpected failure: the traceback (credentials in URIs redacted), exit 1 (retried)."""
+    import traceback
+
+    warn(traceback.format_exc().rstrip())
+    return EXIT_RETRYABLE
 
 
 def _leave_process_group() -> None:

@@ -787,3 +787,16 @@ def test_the_first_log_line_says_where_the_artifacts_land(tmp_path, monkeypatch,
     first = capsys.readouterr().out.splitlines()[0]
     assert "preferences  run=demo  -> artifacts/runs/demo/preferences" in first
     assert (tmp_path / "artifacts").is_dir() and not (tmp_path / "runs").exists()
+
+
+def test_a_crash_prints_its_traceback_without_credentials(monkeypatch, capsys):
+    from app.phases import preferences
+
+    def crash(config):
+        raise RuntimeError("could not open http://admin:SECRET@minio:9000/bucket")
+
+    monkeypatch.setattr(preferences, "main", crash)
+    assert cli_main(["preferences"]) == EXIT_RETRYABLE
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: could not open http://***@minio:9000/bucket" in err
+    assert "SECRET" not in err
