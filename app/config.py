@@ -43,12 +43,20 @@ class RunConfig:
                              "built proving-ground model)", location=True)
     seed: int = option(0, "random seed for data order, sampling and initialisation")
     force: bool = option(False, "redo the phase even if its artifact is already published with the same config")
+    report_to: list[str] = option(["none"], "experiment trackers for this phase's run: none, or a comma list of "
+                                  "tensorboard, mlflow, wandb (app/tracking.py)")
+    tracking_dir: str = option("tracking", "where tracker runs go: TensorBoard event files under "
+                               "<dir>/<run-id>/<phase>/, MLflow's file store <dir>/mlruns unless "
+                               "MLFLOW_TRACKING_URI is set, W&B's files")
 
     def validate(self) -> None:
         if not RUN_ID_PATTERN.fullmatch(self.run_id):
             raise ConfigError(f"--run-id {self.run_id!r}: use {RUN_ID_RULE}")
         if not self.store:
             raise ConfigError("--store must not be empty")
+        from app import tracking
+
+        tracking.validate(self.report_to)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,11 +64,12 @@ class RunConfig:
     def identity(self) -> dict:
         """The values that decide the phase's output, as the run uses them: numbers by their field's
         type (3 and 3.0 epochs are one config), local paths resolved (`artifacts` is `./artifacts`). Where the
-        output goes (`store`, `run_id`) and `force` (an instruction) are not part of it."""
+        output goes (`store`, `run_id`), `force` (an instruction) and where metrics are reported
+        (`report_to`, `tracking_dir`) are not part of it."""
         hints = typing.get_type_hints(type(self))
         values = {}
         for f in dataclasses.fields(self):
-            if f.name in ("store", "run_id", "force"):
+            if f.name in ("store", "run_id", "force", "report_to", "tracking_dir"):
                 continue
             value = getattr(self, f.name)
             if unwrap_optional(hints[f.name]) is float and isinstance(value, int) and not isinstance(value, bool):

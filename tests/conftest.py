@@ -48,14 +48,21 @@ def run_phase(phase: str, store: Path, run_id: str, base_model: Path, *extra: st
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, tiny_model_dir):
-    """Every phase once, in order, on the tiny model; returns (store, run_id, manifests)."""
+    """Every phase once, in order, on the tiny model; returns (store, run_id, manifests).
+
+    Each phase reports to real TensorBoard and MLflow (a file store) under <store>/tracking;
+    tests/test_tracking.py reads them back."""
     store = tmp_path_factory.mktemp("store")
     manifests = {}
     from app.phases import PHASES
 
     for phase in PHASES:
-        manifests[phase] = run_phase(phase, store, "small", tiny_model_dir)
+        manifests[phase] = run_phase(phase, store, "small", tiny_model_dir, *tracking_flags(store))
     return store, "small", manifests
+
+
+def tracking_flags(store: Path) -> list[str]:
+    return ["--report-to", "tensorboard,mlflow", "--tracking-dir", str(store / "tracking")]
 
 
 def pytest_collection_modifyitems(session, config, items):

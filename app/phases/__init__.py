@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from app import artifacts
+from app import artifacts, tracking
 from app.data import check_data_spec
 from app.log import banner, log, log_config
 from app.models import check_base_model
@@ -62,6 +62,8 @@ def begin(name: str, out_uri: str, config, detail: str = "") -> dict | None:
     banner(f"{name}  run={config.run_id}" + (f"  {detail}" if detail else "") + f"  -> {out_uri}")
     log_config(config)
     artifacts.check_store(config.store)
+    if tracking.chosen(config.report_to):
+        log(tracking.describe(config))
     if not config.force:
         artifacts.refuse_other_config(out_uri, config.identity())  # before any model or data loads
         if artifacts.is_current(out_uri, config.identity()):

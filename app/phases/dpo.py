@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from app import artifacts, checkpoints
+from app import artifacts, checkpoints, tracking
 from app.config import RunConfig, option, require
 from app.data import read_jsonl
 from app.errors import InputError
@@ -105,6 +105,7 @@ def main(config: Config) -> dict | None:
     resumed_step = checkpoints.checkpoint_info(resume)["step"] if resume else 0
     log(f"dpo: resuming from {resume} (step {resumed_step})" if resume else
         "dpo: no checkpoint to resume from; starting at step 0")
+    tracker = tracking.open_run(config, "dpo")  # before the Trainer, whose integrations log into this run
     trainer, tokenizer = build_trainer(config, base_path, str(start_dir), pairs,
                                        callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
     if resume:
@@ -127,8 +128,10 @@ def main(config: Config) -> dict | None:
     }
     log(f"dpo: step-0 loss {metrics['step0_loss']} (ln 2 = {LN2:.4f}), margin {metrics['step0_margin']}; "
         f"last loss {metrics['last_loss']}, margin {metrics['last_margin']}, accuracy {metrics['last_accuracy']}")
+    tracker.log_metrics(metrics, step=trainer.state.global_step)
     if config.check_step0:
         check_step0(step0, pure_dpo=config.dpo_sft_weight == 0)
+    tracker.close()
     if not trainer.accelerator.is_main_process:
         return None
 
@@ -214,7 +217,7 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,  # (unused when save_strategy is "no")
         save_total_limit=1,  # local copies only; the store keeps the last two (app/checkpoints.py)
-        report_to="none",
+        **tracking.trainer_settings(config, "dpo"),  # report_to and run_name
         bf16=config.bf16 and on_gpu,
         use_cpu=not on_gpu,
         gradient_checkpointing=False,

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app import artifacts
+from app import artifacts, tracking
 from app.config import RunConfig, option, require
 from app.data import ACCEPT_UNMARKED_HELP, load_problems, read_jsonl, write_jsonl
 from app.generation import Sampling, make_generator
@@ -160,6 +160,7 @@ def main(config: Config) -> dict | None:
                                      overwrite=config.force)
     for line in report.splitlines():
         log(line)
+    tracking.log_summary(config, tracking.shard_phase("eval", config), summary)
     log(f"eval: published {out_uri}")
     return manifest
 

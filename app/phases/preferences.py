@@ -36,7 +36,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from app import artifacts
+from app import artifacts, tracking
 from app.config import RunConfig, option, require
 from app.data import read_jsonl, write_jsonl
 from app.errors import InputError
@@ -93,6 +93,7 @@ def main(config: Config) -> dict | None:
             work, out_uri, phase="preferences", config=config.to_dict(), identity=config.identity(),
             inputs={"rollouts": artifacts.lineage_entry(rollouts_uri, rollouts_manifest)}, metrics=summary,
             timings={"total_s": round(time.time() - started, 1)}, overwrite=config.force)
+    tracking.log_summary(config, "preferences", summary)
     log(f"preferences: published {out_uri}")
     return manifest
 

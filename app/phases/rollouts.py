@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app import artifacts, checkpoints
+from app import artifacts, checkpoints, tracking
 from app.config import RunConfig, option, require
 from app.data import ACCEPT_UNMARKED_HELP, load_problems, read_jsonl, write_jsonl
 from app.errors import StorageError
@@ -181,6 +181,7 @@ def main(config: Config) -> dict | None:
             metrics={k: v for k, v in summary.items() if k != "throughput"},
             timings={"total_s": round(time.time() - started, 1), "generation": stats}, overwrite=config.force)
     checkpoints.clear_checkpoints(out_uri)  # the artifact is what counts now
+    tracking.log_summary(config, tracking.shard_phase("rollouts", config), summary)
     log(f"rollouts: published {out_uri}")
     return manifest
 

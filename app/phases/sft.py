@@ -29,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from app import artifacts, checkpoints
+from app import artifacts, checkpoints, tracking
 from app.config import RunConfig, option, require
 from app.data import ACCEPT_UNMARKED_HELP, load_problems
 from app.log import log
@@ -98,6 +98,7 @@ def main(config: Config) -> dict | None:
     resumed_step = checkpoints.checkpoint_info(resume)["step"] if resume else 0
     log(f"sft: resuming from {resume} (step {resumed_step})" if resume else
         "sft: no checkpoint to resume from; starting at step 0")
+    tracker = tracking.open_run(config, "sft")  # before the Trainer, whose integrations log into this run
     trainer, tokenizer = build_trainer(config, base_path, problems,
                                        callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
     log(f"training: {len(problems)} examples x {config.sft_epochs} epochs, "
@@ -114,6 +115,8 @@ def main(config: Config) -> dict | None:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "resumed_from_step": resumed_step,
     }
+    tracker.log_metrics(metrics, step=trainer.state.global_step)
+    tracker.close()
     if not trainer.accelerator.is_main_process:
         return None
 
@@ -160,7 +163,7 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,  # (unused when save_strategy is "no")
         save_total_limit=1,  # local copies only; the store keeps the last two (app/checkpoints.py)
-        report_to="none",
+        **tracking.trainer_settings(config, "sft"),  # report_to and run_name
         bf16=config.bf16 and on_gpu,
         use_cpu=not on_gpu,
         max_length=config.max_seq_length,
