@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "pipeline": "app.phases.pipeline",
     "merge": "app.phases.merge",
     "lineage": "app.phases.lineage",
+    "report": "app.phases.report",
     "bench": "app.bench",
 }
 

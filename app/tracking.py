@@ -70,7 +70,7 @@ def tensorboard_dir(tracking_dir: str, run_id: str, phase: str) -> Path:
 
 
 def mlflow_uri(tracking_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or Path(tracking_dir).expanduser().resolve().joinpath("mlruns").as_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or (Path(tracking_dir).expanduser().resolve() / "mlruns").as_uri()
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -126,10 +126,10 @@ class TrackerRun:
         if "wandb" in self.trackers:
             import wandb
 
-            Path(tracking_dir).expanduser().mkdir(parents=True, exist_ok=True)
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=self.name,
-                                     group=run_id, job_type=phase, config=config, dir=str(Path(tracking_dir).expanduser()),
-                                     reinit="finish_previous")
+            root = Path(tracking_dir).expanduser()
+            root.mkdir(parents=True, exist_ok=True)
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=self.name, group=run_id,
+                                     job_type=phase, config=config, dir=str(root), reinit="finish_previous")
         if self.trackers:
             _OPEN.append(self)
 

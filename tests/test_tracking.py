@@ -141,3 +141,17 @@ def test_trainer_settings_name_the_run_and_the_trackers(monkeypatch, tmp_path):
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "r1" / "sft")
     _, none = parse(["dpo"], environ={})
     assert tracking.trainer_settings(none, "dpo")["report_to"] == "none"
+
+
+def test_wandb_offline_writes_the_run_with_its_name_config_and_summary(tmp_path, monkeypatch):
+    """W&B's client for real, without its service (WANDB_MODE=offline): the run's transaction log
+    holds the name, the resolved config and the summary. (W&B's reader of that log is its
+    service, so the bytes are checked here.)"""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _, config = parse(["eval", "--run-id", "r1", "--report-to", "wandb", "--tracking-dir", str(tmp_path)], environ={})
+    tracking.log_summary(config, "eval", {"results": {"gsm8k": {"sft": {"accuracy": 0.4375}}}})
+    (log_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    data = log_file.read_bytes()
+    assert b"r1/eval" in data and b"results/gsm8k/sft/accuracy" in data and b"question_batch_size" in data

@@ -15,7 +15,8 @@ Each phase publishes its artifact before the next starts, and a phase already
 published with the same config and inputs is skipped, so rerunning after a crash
 picks up where it stopped. On a cluster the same phases run as one Kubernetes Job
 each (k8s/, scripts/chain.py); this command is for one machine and for debugging.
-At the end it prints the Base -> SFT -> DPO table and writes `<store>/runs/<run-id>/report.md`.
+At the end it prints the Base -> SFT -> DPO table and writes `<store>/runs/<run-id>/report.md` and
+`report.html` (app/report.py; `python -m app report` rebuilds them from the store).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import importlib
 import time
 import typing
 
-from app import artifacts
+from app import artifacts, report
 from app.config import RunConfig, option, require
 from app.log import banner, log
 from app.phases import PHASES, check_inputs, run_steps, step_name
@@ -112,55 +113,11 @@ def main(config: Config) -> dict:
         skipped = not config.force and artifacts.is_current(uri, phase_config.identity())
         importlib.import_module(PHASE_MODULES[name]).main(phase_config)
         timings[step_name((name, r))] = {"seconds": round(time.time() - phase_started, 1), "skipped": skipped}
-    report = run_report(config, timings, time.time() - started)
-    backend, key = artifacts.open_store(artifacts.run_uri(config.store, config.run_id))
-    backend.write_bytes(artifacts.join(key, "report.md") if key else "report.md", report.encode())
+    run, total = report.collect(config.store, config.run_id, PHASES), time.time() - started
+    written = report.write(config.store, config.run_id, run, timings, total)
+    markdown = report.render_markdown(run, timings, total)
     banner("run report")
-    for line in report.splitlines():
+    for line in markdown.splitlines():
         log(line)
-    return {"timings": timings, "report": report}
-
-
-def run_report(config: Config, timings: dict, total_seconds: float) -> str:
-    """One page: what each phase did, how long it took, and the accuracy table."""
-    lines = [f"# Run `{config.run_id}`", "", f"Store: `{config.store}`  preset: `{config.preset}`  "
-             f"base model: `{config.base_model}`", "", "| phase | status | time | key numbers |", "|---|---|---|---|"]
-    for name, r in run_steps(config.rounds):
-        manifest = artifacts.read_manifest(artifacts.phase_uri(config.store, config.run_id, name, r))
-        label = step_name((name, r))
-        if manifest is None:
-            lines.append(f"| {label} | not published | | |")
-            continue
-        timing = timings.get(label)
-        status = "skipped (already published)" if timing and timing["skipped"] else ("ran" if timing else "earlier run")
-        seconds = f"{timing['seconds']:.0f}s" if timing and not timing["skipped"] else \
-            f"{manifest.get('timings', {}).get('total_s', 0):.0f}s (then)"
-        lines.append(f"| {label} | {status} | {seconds} | {_key_numbers(name, manifest.get('metrics', {}))} |")
-    lines += ["", f"Total wall time this invocation: {total_seconds:.0f}s", ""]
-    eval_uri = artifacts.phase_uri(config.store, config.run_id, "eval")
-    if artifacts.read_manifest(eval_uri) is not None:
-        path, _ = artifacts.fetch(eval_uri)
-        lines.append((path / "report.md").read_text())
-    return "\n".join(lines)
-
-
-def _key_numbers(name: str, metrics: dict) -> str:
-    if name == "sft":
-        return f"loss {metrics.get('first_logged_loss')} -> {metrics.get('last_logged_loss')}, {metrics.get('steps')} steps"
-    if name == "rollouts":
-        return (f"{metrics.get('trajectories')} trajectories, accuracy {metrics.get('accuracy')}, "
-                f"mean reward {metrics.get('mean_reward')}")
-    if name == "preferences":
-        by_type = metrics.get("by_type", {})
-        gold = f", {by_type['gold_anchored']} gold-anchored" if by_type.get("gold_anchored") else ""
-        return (f"{metrics.get('pairs')} pairs ({by_type.get('correctness')} correctness, "
-                f"{by_type.get('quality')} quality{gold})")
-    if name == "dpo":
-        return (f"step-0 loss {metrics.get('step0_loss')}, last loss {metrics.get('last_loss')}, "
-                f"margin {metrics.get('last_margin')}")
-    if name == "eval":
-        parts = []
-        for dataset, by_model in metrics.get("results", {}).items():
-            parts.append(f"{dataset}: " + " -> ".join(f"{m} {by_model[m]['accuracy']:.1%}" for m in by_model))
-        return "; ".join(parts)
-    return ""
+    log(f"report: {written['report.html']} (open it in a browser; `python -m app report` rebuilds it)")
+    return {"timings": timings, "report": markdown}
