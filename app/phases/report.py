@@ -1,6 +1,6 @@
 """Rebuild a run's report (report.md and report.html) from its published artifacts alone.
 
-    python -m app report --store runs --run-id demo                       # ./runs/runs/demo/report.html
+    python -m app report --store artifacts --run-id demo                  # ./artifacts/runs/demo/report.html
     python -m app report --store s3://bucket/gsm8k --run-id r1            # writes beside the run in S3
     aws s3 cp s3://bucket/gsm8k/runs/r1/report.html . && xdg-open report.html
 
@@ -24,7 +24,7 @@ from app.phases import PHASES
 
 @dataclass
 class Config:
-    store: str = option("runs", "artifact store root: a local directory or s3://bucket/prefix")
+    store: str = option("artifacts", "artifact store root: a local directory or s3://bucket/prefix")
     run_id: str = option("demo", "the run whose report to rebuild")
 
     def validate(self) -> None:
