@@ -150,6 +150,7 @@ def test_wandb_offline_writes_the_run_with_its_name_config_and_summary(tmp_path,
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "300")  # its local service starts slowly on a busy machine
     _, config = parse(["eval", "--run-id", "r1", "--report-to", "wandb", "--tracking-dir", str(tmp_path)], environ={})
     tracking.log_summary(config, "eval", {"results": {"gsm8k": {"sft": {"accuracy": 0.4375}}}})
     (log_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
