@@ -54,9 +54,10 @@ class RunConfig:
             raise ConfigError(f"--run-id {self.run_id!r}: use {RUN_ID_RULE}")
         if not self.store:
             raise ConfigError("--store must not be empty")
-        from app import tracking
+        if hasattr(self, "report_to"):  # commands that borrow only the store and run id have none
+            from app import tracking
 
-        tracking.validate(self.report_to)
+            tracking.validate(self.report_to)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,3 +102,9 @@ def unwrap_optional(tp):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def run_field(name: str):
+    """RunConfig's field of that name (default and --help text), for a config that needs only a few."""
+    field_ = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
+    return dataclasses.field(default=field_.default, metadata=field_.metadata)

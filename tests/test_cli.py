@@ -138,7 +138,7 @@ def flags_of(argv: list[str], names: set[str]) -> list[str]:
 
 def typed(text: str, tp):
     """A value shown by --help, read back the way the flag would read it."""
-    if text == "none":
+    if text == "none" and typing.get_origin(tp) is not list:  # a list shows its items: --report-to none
         return None
     return _converter(tp)[0]("" if text == '""' else text)
 

@@ -17,24 +17,18 @@ import json
 from dataclasses import dataclass
 
 from app import artifacts
-from app.config import RunConfig, option, require
+from app.config import RunConfig, option, require, run_field
 from app.errors import InputError
 from app.log import redact, redact_values
 from app.phases import PHASES
 
 ARTIFACTS = ("base", *PHASES)
-_RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
-
-
-def _run_field(name: str):
-    """RunConfig's field of that name (default and --help text), for a config that needs only a few."""
-    return dataclasses.field(default=_RUN_FIELDS[name].default, metadata=_RUN_FIELDS[name].metadata)
 
 
 @dataclass
 class Config:
-    store: str = _run_field("store")
-    run_id: str = _run_field("run_id")
+    store: str = run_field("store")
+    run_id: str = run_field("run_id")
     phase: str = option("dpo", f"whose lineage: {', '.join(ARTIFACTS)}")
     json: bool = option(False, "print one JSON object per line instead of the indented tree")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app import artifacts, report
-from app.config import RunConfig, option
+from app.config import RunConfig, run_field
 from app.errors import InputError
 from app.log import banner, log
 from app.phases import PHASES
@@ -24,11 +24,14 @@ from app.phases import PHASES
 
 @dataclass
 class Config:
-    store: str = option("artifacts", "artifact store root: a local directory or s3://bucket/prefix")
-    run_id: str = option("demo", "the run whose report to rebuild")
+    store: str = run_field("store")
+    run_id: str = run_field("run_id")
 
     def validate(self) -> None:
-        RunConfig.validate(RunConfig(store=self.store, run_id=self.run_id))
+        RunConfig.validate(self)  # the store and run id rules
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
 
 
 def main(config: Config) -> dict:
