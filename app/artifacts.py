@@ -527,7 +527,8 @@ def local_copy(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def trace(uri: str) -> list[dict]:
-    """The lineage of a published artifact, depth-first from `uri` itself (depth 0).
+    """The lineage of a published artifact, depth-first from `uri` itself (depth 0);
+    `python -m app lineage` prints it.
 
     Each artifact input is checked against the manifest version its consumer recorded:
     status "ok" (still that version), "replaced" (republished since, e.g. by --force) or
