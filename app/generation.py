@@ -85,8 +85,12 @@ def vllm_available() -> bool:
 
 def make_generator(backend: str, base_model: str, adapters: dict[str, str | Path] | None = None, *,
                    bf16: bool = True, batch_size: int = 64, max_model_len: int = 1024, seed: int = 0,
-                   static_cache: bool = False) -> Generator:
-    """The backend named (`auto`: vLLM if importable); `static_cache` applies to the HF backend only."""
+                   static_cache: bool = False, max_num_seqs: int | None = None,
+                   request_seeds: bool = True) -> Generator:
+    """The backend named (`auto`: vLLM if importable); `static_cache` applies to the HF backend only,
+    `max_num_seqs` (sequences in flight) and `request_seeds` (app/generation_vllm.py) to vLLM only.
+    Either generator's `start_times` says how long its start took (`start_s`) and its weight loading
+    (`load_s`; vLLM adds its compile and CUDA-graph steps)."""
     adapters = dict(adapters or {})
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -96,7 +100,7 @@ def make_generator(backend: str, base_model: str, adapters: dict[str, str | Path
         from app.generation_vllm import VLLMGenerator
 
         return VLLMGenerator(base_model, adapters, bf16=bf16, batch_size=batch_size, max_model_len=max_model_len,
-                             seed=seed)
+                             seed=seed, max_num_seqs=max_num_seqs, request_seeds=request_seeds)
     return HFGenerator(base_model, adapters, bf16=bf16, batch_size=batch_size, static_cache=static_cache)
 
 
@@ -122,6 +126,7 @@ class HFGenerator:
                  static_cache: bool = False):
         from app.models import load_causal_lm, load_tokenizer
 
+        started = time.time()
         model = load_causal_lm(base_model, bf16=bf16)
         if adapters:
             from peft import PeftModel
@@ -131,6 +136,8 @@ class HFGenerator:
             for name, path in rest:
                 model.load_adapter(str(path), adapter_name=name)
         self._serve(model, load_tokenizer(base_model), list(adapters), batch_size, static_cache)
+        elapsed = round(time.time() - started, 2)
+        self.start_times = {"start_s": elapsed, "load_s": elapsed}
 
     @classmethod
     def around(cls, model, tokenizer, adapters: list[str] = (), batch_size: int = 64,
@@ -146,6 +153,7 @@ class HFGenerator:
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.batch_size, self.static_cache = batch_size, static_cache
         self.stats = GenerationStats()
+        self.start_times: dict = {}
 
     def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None,
                  desc: str = "generate") -> list[list[Completion]]:

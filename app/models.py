@@ -11,6 +11,10 @@ and a lineage entry for the manifest:
 
 Abel-7B-002 is stored as fp32 `.bin` shards; we always load in bf16 on a GPU (half the
 memory, the precision it is trained in) and fp32 on the CPU, where bf16 matmuls are slow.
+With `publish_bf16` (the phases pass it when they run in bf16 on a GPU), a checkpoint that has
+only PyTorch `.bin` shards is read once, shard by shard, and published as bf16 safetensors in
+`<store>/runs/<run-id>/base/`; every later phase (and vLLM) loads those, memory-mapped, instead
+of unpickling 29 GB of fp32. The first phase to need it converts; the others find the manifest.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from app.errors import InputError
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def resolve_base_model(ref: str, store: str, run_id: str, log=print) -> tuple[str, dict]:
+def resolve_base_model(ref: str, store: str, run_id: str, log=print, publish_bf16: bool = False) -> tuple[str, dict]:
     """(path or hub id to load, lineage entry naming exactly which model it is)."""
     if ref in BUILT_BASE_MODELS:
         uri = artifacts.phase_uri(store, run_id, "base")
@@ -40,7 +44,13 @@ def resolve_base_model(ref: str, store: str, run_id: str, log=print) -> tuple[st
         path, manifest = artifacts.fetch(ref if artifacts.is_s3(ref) else str(local))
         return str(path), artifacts.lineage_entry(ref, manifest)
     if local.exists():
+        if publish_bf16 and bin_only(local):
+            return _bf16_base(ref, local, store, run_id, log)
         return str(local), {"path": str(local.resolve())}
+    if publish_bf16:
+        hub_copy = _hub_bin_checkpoint(ref, log)
+        if hub_copy is not None:
+            return _bf16_base(ref, hub_copy, store, run_id, log)
     return ref, {"hub_id": ref}
 
 
@@ -67,6 +77,119 @@ def check_base_model(ref: str) -> None:
         raise InputError(f"--base-model {ref!r}: neither a local directory nor a hub id (org/name)")
 
 
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
+
+
+def bin_only(path: Path) -> bool:
+    """True when a model directory holds PyTorch `.bin` weight shards and no safetensors."""
+    return any(path.glob("pytorch_model*.bin")) and not any(path.glob("*.safetensors"))
+
+
+def _hub_bin_checkpoint(hub_id: str, log) -> Path | None:
+    """A local copy of a hub model that ships only `.bin` shards (None for safetensors models, or offline)."""
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+
+        files = list_repo_files(hub_id)
+        if any(f.endswith(".safetensors") for f in files) or not any(f.endswith(".bin") for f in files):
+            return None
+        log(f"base model: {hub_id} ships .bin shards only; downloading them once to publish bf16 safetensors")
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "pytorch_model*.bin", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - no hub (offline, no access): from_pretrained decides
+        log(f"base model: could not list {hub_id} on the hub ({type(exc).__name__}); loading it as it is")
+        return None
+
+
+def _bf16_base(ref: str, source: Path, store: str, run_id: str, log) -> tuple[str, dict]:
+    """The run's bf16 safetensors copy of `ref`, converted and published by the first caller."""
+    from app.errors import ConfigError
+
+    uri = artifacts.phase_uri(store, run_id, "base")
+    manifest = artifacts.read_manifest(uri)
+    if manifest is not None and manifest.get("config", {}).get("base_model") != ref:
+        raise ConfigError(f"{uri} holds base model {manifest.get('config', {}).get('base_model')!r}, not {ref!r}; "
+                          "use another --run-id")
+    if manifest is None:
+        started = time.time()
+        log(f"base model: converting {source} (.bin shards) to bf16 safetensors for {uri}")
+        with artifacts.workdir("base") as work:
+            info = convert_to_bf16_safetensors(source, work, log=log)
+            info["convert_s"] = round(time.time() - started, 1)
+            try:
+                artifacts.publish(work, uri, phase="base", config={"base_model": ref, "dtype": "bfloat16",
+                                                                   "format": "safetensors"},
+                                  metrics=info, timings={"total_s": round(time.time() - started, 1)})
+            except Exception:
+                if artifacts.read_manifest(uri) is None:
+                    raise
+                # Another phase or pod published the same conversion first; theirs is as good as ours.
+        log(f"base model: published bf16 safetensors in {time.time() - started:.0f}s")
+    path, manifest = artifacts.fetch(uri)
+    return str(path), artifacts.lineage_entry(uri, manifest)
+
+
+def convert_to_bf16_safetensors(source: str | Path, out_dir: str | Path, log=print) -> dict:
+    """PyTorch `.bin` shards -> bf16 safetensors shards, one shard in memory at a time (memory-mapped);
+    config, tokenizer and other small files are copied, the config's dtype set to bfloat16."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    source, out_dir = Path(source), Path(out_dir)
+    index_file = source / "pytorch_model.bin.index.json"
+    shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values())) if index_file.exists() \
+        else ["pytorch_model.bin"]
+    weight_map, total, started = {}, 0, time.time()
+    for i, shard in enumerate(shards):
+        state = torch.load(source / shard, map_location="cpu", mmap=True, weights_only=True)
+        out = {name: (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous() for name, t in state.items()}
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        save_file(out, out_dir / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in out})
+        total += sum(t.numel() * t.element_size() for t in out.values())
+        del state, out
+        log(f"  converted {shard} -> {name} ({i + 1}/{len(shards)}, {time.time() - started:.0f}s)")
+    if len(shards) > 1:
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != index_file.name:
+            shutil.copyfile(path, out_dir / path.name)
+    config_file = out_dir / "config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        config["torch_dtype"] = config["dtype"] = "bfloat16"
+        config_file.write_text(json.dumps(config, indent=2))
+    return {"shards": len(shards), "bytes": total}
+
+
+def merge_adapter(base_path: str, adapter_dir: str | Path, out_dir: str | Path, bf16: bool = True,
+                  log=print) -> None:
+    """Write base + LoRA adapter as one plain model in `out_dir`: the update B·A·scale is added to the
+    weights in fp32 and the sum rounded once to the serving dtype (bf16 on a GPU), the closest that
+    dtype holds to the adapted weights; the tokenizer goes along, so vLLM can serve the directory."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    started = time.time()
+    device = pick_device()
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                 device_map=device if device != "cpu" else None)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = merged.to(torch_dtype(bf16))
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(base_path).save_pretrained(out_dir)
+    del model, merged
+    import gc
+
+    gc.collect()  # the fp32 copy must be gone before an engine sizes itself to the free memory
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    log(f"policy: adapter {adapter_dir} merged into the base weights in {time.time() - started:.0f}s -> {out_dir}")
+
+
 def _publish_built(name: str, uri: str, log) -> None:
     from app.tiny import build_base_model
 
@@ -81,6 +204,31 @@ def _publish_built(name: str, uri: str, log) -> None:
             if artifacts.read_manifest(uri) is None:
                 raise
             # Someone else published the same deterministic model first; theirs is as good as ours.
+
+
+def gpu_bf16(bf16: bool) -> bool:
+    """True when a phase with `--bf16 {bf16}` will run in bf16 here (it has a GPU)."""
+    return bool(bf16) and has_cuda()
+
+
+def has_cuda() -> bool:
+    """Whether a CUDA GPU is visible, asked through NVML, not the CUDA runtime: a process whose
+    runtime is initialised can no longer fork vLLM's engine core ("Cannot re-initialize CUDA")."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_initialized():
+        return True
+    previous = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    try:
+        return torch.cuda.is_available()
+    finally:
+        if previous is None:
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = previous
 
 
 def pick_device() -> str:

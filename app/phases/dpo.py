@@ -32,10 +32,12 @@ from app.config import RunConfig, option, require
 from app.data import read_jsonl
 from app.errors import InputError
 from app.log import log
-from app.models import check_adapter_matches, load_causal_lm, load_tokenizer, record_base_shape, resolve_base_model
+from app.models import (check_adapter_matches, gpu_bf16, load_causal_lm, load_tokenizer, record_base_shape,
+                        resolve_base_model)
 from app.phases import ROUND_HELP, begin, policy_input, policy_uri
 from app.phases.preferences import PAIR_TYPES
 from app.presets import DPO_RECIPES
+from app.timing import PhaseTimer, step_clock
 
 LN2 = math.log(2)
 
@@ -87,6 +89,7 @@ def main(config: Config) -> dict | None:
     if (published := begin("dpo", out_uri, config)) is not None:
         return published
     started = time.time()
+    timer = PhaseTimer()
     prefs_uri = artifacts.phase_uri(config.store, config.run_id, "preferences", config.round)
     start_uri = policy_uri(config.store, config.run_id, config.round)  # round r >= 2: round r-1's DPO adapter
     prefs_dir, prefs_manifest = artifacts.fetch(prefs_uri)
@@ -99,18 +102,22 @@ def main(config: Config) -> dict | None:
     from accelerate import PartialState
 
     with PartialState().main_process_first():
-        base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
+        base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log,
+                                                     publish_bf16=gpu_bf16(config.bf16))
     config_hash = artifacts.config_hash(config.identity())
     resume = checkpoints.latest_checkpoint(out_uri, config_hash, log=log)
     resumed_step = checkpoints.checkpoint_info(resume)["step"] if resume else 0
     log(f"dpo: resuming from {resume} (step {resumed_step})" if resume else
         "dpo: no checkpoint to resume from; starting at step 0")
     tracker = tracking.open_run(config, "dpo")  # before the Trainer, whose integrations log into this run
-    trainer, tokenizer = build_trainer(config, base_path, str(start_dir), pairs,
-                                       callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
+    clock = step_clock()
+    trainer, tokenizer = build_trainer(config, base_path, str(start_dir), pairs, timer=timer,
+                                       callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log), clock])
     if resume:
         checkpoints.restore_trained_adapter(trainer.model, resume)  # the Trainer's resume loads only `ref`
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with timer.part("work"):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    timer.move("work", "compile", clock.compile_seconds())
     history = [h for h in trainer.state.log_history if "loss" in h]
     step0 = history[0] if history else {}
     metrics = {
@@ -126,6 +133,12 @@ def main(config: Config) -> dict | None:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "resumed_from_step": resumed_step,
     }
+    tokens = pair_tokens(trainer, config.max_seq_length)
+    metrics["timing"] = timer.metrics(tokens=int(tokens * config.dpo_epochs), steps=trainer.state.global_step,
+                                      mean_pair_tokens=round(tokens / max(1, len(pairs)), 1))
+    work = metrics["timing"]["work_s"]
+    metrics["timing"]["pairs_per_s"] = round(len(pairs) * config.dpo_epochs / work, 2) if work else None
+    log("dpo: timing " + json.dumps(metrics["timing"]))
     log(f"dpo: step-0 loss {metrics['step0_loss']} (ln 2 = {LN2:.4f}), margin {metrics['step0_margin']}; "
         f"last loss {metrics['last_loss']}, margin {metrics['last_margin']}, accuracy {metrics['last_accuracy']}")
     tracker.log_metrics(metrics, step=trainer.state.global_step)
@@ -178,8 +191,20 @@ def read_pairs(path, pair_types: list[str]) -> list[dict]:
     return pairs
 
 
-def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict], callbacks=None):
-    """TRL DPOTrainer on the SFT PeftModel; TRL adds the frozen `ref` copy of its adapter."""
+def pair_tokens(trainer, max_length: int) -> int:
+    """Tokens of all pairs, each counted once: prompt + chosen + rejected (rows cut at `max_length`)."""
+    data = trainer.train_dataset
+    total = 0
+    for prompt, chosen, rejected in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]):
+        total += min(len(prompt) + len(chosen), max_length) + min(len(prompt) + len(rejected), max_length) - len(prompt)
+    return total
+
+
+def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict], callbacks=None, timer=None):
+    """TRL DPOTrainer on the SFT PeftModel; TRL adds the frozen `ref` copy of its adapter. `timer`
+    (app.timing) counts the model's and adapter's loading as its "load" part."""
+    import contextlib
+
     import torch
     from datasets import Dataset
     from peft import PeftModel
@@ -190,9 +215,10 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     from app.training.trainers import FastDPOTrainer  # TRL's trainer, our step (docs/PERFORMANCE.md)
 
     check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
-    tokenizer = load_tokenizer(base_path)
-    base = load_causal_lm(base_path, bf16=config.bf16)
-    model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+    with timer.part("load") if timer else contextlib.nullcontext():
+        tokenizer = load_tokenizer(base_path)
+        base = load_causal_lm(base_path, bf16=config.bf16)
+        model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
     on_gpu = torch.cuda.is_available()
     # Batch x accumulation as one micro-batch (the same pairs per optimizer step, the loss averaged over
     # them), which also lets the step replay as a CUDA graph. Not with the NLL term: TRL takes its token

@@ -43,11 +43,12 @@ from app.config import RunConfig, option, require
 from app.data import ACCEPT_UNMARKED_HELP, load_problems, read_jsonl, write_jsonl
 from app.generation import Sampling, make_generator
 from app.log import log
-from app.models import check_adapter_matches, load_tokenizer, resolve_base_model
+from app.models import check_adapter_matches, gpu_bf16, load_tokenizer, resolve_base_model
 from app.phases import begin
 from app.prompts import build_prompt
 from app.rewards import answers_match, extract_answer
 from app.shards import default_shard_index, output_uri, shard_slice
+from app.timing import PhaseTimer
 
 MODEL_ORDER = ("base", "sft", "dpo")
 
@@ -132,7 +133,7 @@ def main(config: Config) -> dict | None:
     if (published := begin("eval", out_uri, config, f"shard={config.shard_index}/{config.num_shards}")) is not None:
         return published
     started = time.time()
-
+    timer = PhaseTimer()
     adapters, inputs = {}, {}
     for name in config.evaluated_models():
         if name != "base":
@@ -149,11 +150,14 @@ def main(config: Config) -> dict | None:
         datasets[name] = shard_slice(problems, config.shard_index, config.num_shards)
         log(f"data {name}: {report.line()}; this shard evaluates {len(datasets[name])}")
 
-    base_path, inputs["base"] = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
-    records, stats = generate_answers(config, base_path, adapters, datasets)
+    base_path, inputs["base"] = resolve_base_model(config.base_model, config.store, config.run_id, log=log,
+                                                   publish_bf16=gpu_bf16(config.bf16))
+    records, stats = generate_answers(config, base_path, adapters, datasets, timer=timer)
 
     with artifacts.workdir("eval") as work:
-        summary, report = write_results(work, records, config.run_id, throughput=stats)
+        timing = timer.metrics(tokens=stats.get("tokens") or 0, start=stats.get("start_times"))
+        log("eval: timing " + json.dumps(timing))
+        summary, report = write_results(work, records, config.run_id, throughput=stats, timing=timing)
         manifest = artifacts.publish(work, out_uri, phase="eval", config=config.to_dict(), identity=config.identity(),
                                      inputs=inputs, metrics={k: v for k, v in summary.items() if k != "throughput"},
                                      timings={"total_s": round(time.time() - started, 1), "generation": stats},
@@ -170,14 +174,18 @@ def result_file(dataset: str, model: str) -> str:
     return f"{dataset}/{model}.jsonl"
 
 
-def write_results(work: Path, records: dict, run_id: str, throughput: dict | None = None) -> tuple[dict, str]:
-    """The artifact's files from {(dataset, model): rows}: the answers, summary.json and report.md."""
+def write_results(work: Path, records: dict, run_id: str, throughput: dict | None = None,
+                  timing: dict | None = None) -> tuple[dict, str]:
+    """The artifact's files from {(dataset, model): rows}: the answers, summary.json and report.md;
+    `timing` (app.timing) goes into the summary, and so into the manifest's metrics."""
     for (dataset, model), rows in records.items():
         (work / dataset).mkdir(exist_ok=True)
         write_jsonl(work / result_file(dataset, model), rows)
     summary = summarize(records)
     if throughput is not None:
         summary["throughput"] = throughput
+    if timing is not None:
+        summary["timing"] = timing
     report = render_report(summary, records, run_id)
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     (work / "report.md").write_text(report)
@@ -198,24 +206,30 @@ def merge_shards(shards: list[tuple[Path, dict]], work: Path, run_id: str) -> di
     return summary
 
 
-def generate_answers(config: Config, base_path: str, adapters: dict, datasets: dict) -> tuple[dict, dict]:
+def generate_answers(config: Config, base_path: str, adapters: dict, datasets: dict, timer=None) -> tuple[dict, dict]:
+    """Greedy answers per (dataset, model); `timer` (app.timing) gets the generator's start (load,
+    compile) and the generation (work)."""
     from transformers import AutoConfig
 
     base_config = AutoConfig.from_pretrained(base_path)
     for name, path in adapters.items():
         check_adapter_matches(path, base_config, f"{name} adapter")
     tokenizer = load_tokenizer(base_path)
+    timer = timer or PhaseTimer()
     generator = make_generator(config.backend, base_path, adapters, bf16=config.bf16,
                                batch_size=config.question_batch_size, max_model_len=config.max_new_tokens + 512,
                                seed=config.seed)
+    start_times = generator.start_times
+    timer.add_start(start_times)
     sampling = Sampling(n=1, temperature=0.0, max_new_tokens=config.max_new_tokens, seed=config.seed)
     records: dict[tuple[str, str], list[dict]] = {}
     try:
         for dataset, problems in datasets.items():
             prompts = [build_prompt(p.question, "direct", config.prompt_format, tokenizer) for p in problems]
             for model in config.evaluated_models():
-                outputs = generator.generate(prompts, sampling, adapter=None if model == "base" else model,
-                                             desc=f"eval/{dataset}/{model}")
+                with timer.part("work"):
+                    outputs = generator.generate(prompts, sampling, adapter=None if model == "base" else model,
+                                                 desc=f"eval/{dataset}/{model}")
                 rows = []
                 for problem, (completion,) in zip(problems, outputs):
                     answer = extract_answer(completion.text)
@@ -227,7 +241,7 @@ def generate_answers(config: Config, base_path: str, adapters: dict, datasets: d
                 accuracy = sum(r["correct"] for r in rows) / max(1, len(rows))
                 log(f"eval {dataset}/{model}: {accuracy:.1%} of {len(rows)}")
         log(generator.stats.line(generator.name))
-        return records, {"backend": generator.name, **generator.stats.to_dict()}
+        return records, {"backend": generator.name, **generator.stats.to_dict(), "start_times": start_times}
     finally:
         generator.close()
 

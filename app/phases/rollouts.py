@@ -33,6 +33,7 @@ generate neither, as long as --chunk-size is a multiple of --question-batch-size
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -44,11 +45,12 @@ from app.data import ACCEPT_UNMARKED_HELP, load_problems, read_jsonl, write_json
 from app.errors import StorageError
 from app.generation import Sampling, make_generator
 from app.log import log
-from app.models import check_adapter_matches, load_tokenizer, resolve_base_model
+from app.models import check_adapter_matches, gpu_bf16, has_cuda, load_tokenizer, merge_adapter, resolve_base_model
 from app.phases import ROUND_HELP, begin, policy_input, policy_uri
 from app.prompts import VARIANTS, build_prompt
 from app.rewards import RewardWeights, score_trajectory
 from app.shards import default_shard_index, output_uri, shard_slice
+from app.timing import PhaseTimer
 
 
 # A full GSM8K train set at 8 per question is 59,784 trajectories; 3.7 M (the guide's --n-samples 500
@@ -65,13 +67,20 @@ class Config(RunConfig):
     prompt_format: str = option("abel", "prompt format: abel, plain or chat")
     variants: list[str] = option(["direct", "reflective", "deliberative"], "prompt variants, comma-separated")
     round: int = option(1, ROUND_HELP)
-    samples_per_question: int = option(8, "trajectories per question, spread evenly over the variants")
+    samples_per_question: int = option(8, "trajectories per question, spread over the variants as evenly as they "
+                                       "divide (8 over 3 variants: 3, 3, 2)")
     samples_per_variant: int = option(0, "trajectories per variant (overrides --samples-per-question when > 0)")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling top-p")
     max_new_tokens: int = option(512, "longest trajectory in tokens; longer ones are marked truncated")
     question_batch_size: int = option(64, "questions per generation batch (bounds memory; lower it on OOM)")
     backend: str = option("auto", "generation backend: auto (vLLM if importable), vllm or hf")
+    policy_serving: str = option("lora", "how the SFT policy is served: 'lora' (base + adapter, applied on the fly) "
+                                 "or 'merged' (the adapter merged into the weights once, in fp32, then served as a "
+                                 "plain model: no LoRA kernels; docs/PERFORMANCE.md compares them)")
+    max_num_seqs: int = option(0, "vllm backend: most sequences in flight (0 = vLLM's default)")
+    request_seeds: bool = option(True, "vllm backend: seed every request (samples independent of batching; slower: "
+                                 "vLLM draws seeded noise one sequence at a time) instead of the engine once")
     hf_static_cache: bool = option(True, "hf backend on a GPU: static KV cache, decoding step compiled into CUDA "
                                    "graphs (2x the eager rate on a 7B; ~40 s of compilation first)")
     bf16: bool = option(True, "generate in bf16 on GPUs")
@@ -109,6 +118,8 @@ class Config(RunConfig):
         require(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
         require(self.question_batch_size >= 1, "--question-batch-size must be >= 1")
         require(self.backend in ("auto", "hf", "vllm"), f"--backend {self.backend!r}: use auto, hf or vllm")
+        require(self.policy_serving in ("lora", "merged"), f"--policy-serving {self.policy_serving!r}: use lora or merged")
+        require(self.max_num_seqs >= 0, "--max-num-seqs must be >= 0 (0 = vLLM's default)")
         require(self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
                 f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
         require(self.rollout_limit >= 0, "--rollout-limit must be >= 0")
@@ -116,7 +127,16 @@ class Config(RunConfig):
         require(0 <= self.max_reject_rate <= 1, "--max-reject-rate must be in [0, 1]")
 
     def per_variant(self) -> int:
-        return self.samples_per_variant or max(1, self.samples_per_question // len(self.variants))
+        """The most samples any one variant gets."""
+        return max(self.samples_by_variant())
+
+    def samples_by_variant(self) -> list[int]:
+        """Samples per variant, in --variants order: --samples-per-variant each, or --samples-per-question spread
+        as evenly as they divide (the first variants take the remainder)."""
+        k = len(self.variants)
+        if self.samples_per_variant:
+            return [self.samples_per_variant] * k
+        return [self.samples_per_question // k + (1 if i < self.samples_per_question % k else 0) for i in range(k)]
 
     def identity(self) -> dict:
         values = super().identity()
@@ -134,16 +154,19 @@ def main(config: Config) -> dict | None:
     start_dir, start_manifest = artifacts.fetch(start_uri)
 
     started = time.time()
+    timer = PhaseTimer()
     problems, report = load_problems(config.rollout_data, split="train", limit=config.rollout_limit or None,
                                      max_reject_rate=config.max_reject_rate, seed=config.seed,
                                      accept_unmarked=config.accept_answer_without_marker)
     problems = shard_slice(problems, config.shard_index, config.num_shards)
-    total = len(problems) * len(config.variants) * config.per_variant()
-    log(f"data: {report.line()}; this shard rolls out {len(problems)} questions x {len(config.variants)} variants "
-        f"x {config.per_variant()} samples = {total:,} trajectories")
+    total = len(problems) * sum(config.samples_by_variant())
+    log(f"data: {report.line()}; this shard rolls out {len(problems)} questions x "
+        f"{sum(config.samples_by_variant())} samples ("
+        + ", ".join(f"{n} {v}" for v, n in zip(config.variants, config.samples_by_variant()))
+        + f") = {total:,} trajectories")
     require(config.confirm_large_rollout or total <= LARGE_ROLLOUT,
             f"{total:,} trajectories is more than {LARGE_ROLLOUT:,} ({len(problems)} questions x "
-            f"{len(config.variants) * config.per_variant()} per question); check --n-samples (questions) and "
+            f"{sum(config.samples_by_variant())} per question); check --n-samples (questions) and "
             "--samples-per-question, or pass --confirm-large-rollout")
 
     config_hash = artifacts.config_hash(config.identity())
@@ -160,14 +183,18 @@ def main(config: Config) -> dict | None:
                 return
         log(f"rollouts: progress saved, {end}/{len(problems)} questions done")
 
-    base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
+    base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log,
+                                                 publish_bf16=gpu_bf16(config.bf16))
     records, stats_line, stats = generate_and_score(config, base_path, str(start_dir), problems, done=done,
-                                                    on_chunk=save_chunk)
+                                                    on_chunk=save_chunk, timer=timer)
     log(stats_line)
 
     summary = summarize(records)
     summary["throughput"] = stats
     summary["rejected_rows"] = report.rejected
+    summary["timing"] = timer.metrics(tokens=stats.get("tokens") or 0, policy_serving=config.policy_serving,
+                                      start=stats.get("start_times"))
+    log("rollouts: timing " + json.dumps(summary["timing"]))
     log("rollouts: " + ", ".join(f"{k} {v}" for k, v in summary["accuracy_by_variant"].items())
         + f"; mean reward {summary['mean_reward']}; truncated {summary['truncated']}")
 
@@ -203,12 +230,14 @@ def resume_chunks(out_uri: str, config_hash: str, problems) -> list[dict]:
 
 
 def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, done: list[dict] | None = None,
-                       on_chunk=None) -> tuple[list[dict], str, dict]:
+                       on_chunk=None, timer=None) -> tuple[list[dict], str, dict]:
     """Records for every problem, in order: `done` (already finished) first, the rest generated
     `config.chunk_size` questions at a time, each finished chunk handed to `on_chunk(end, records)`
-    unless it is the last one."""
+    unless it is the last one. `timer` (app.timing): the policy's merge, the generator's start
+    (load, compile) and the generation itself (work) are added to it."""
     import torch
 
+    timer = timer or PhaseTimer()
     records = list(done or [])
     if len(records) == len(problems):
         return records, "rollouts: nothing left to generate", {"backend": None, "resumed_questions": len(records)}
@@ -216,24 +245,37 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
     from transformers import AutoConfig
 
     check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
-    generator = make_generator(config.backend, base_path, {"sft": sft_dir}, bf16=config.bf16,
-                               batch_size=config.question_batch_size * config.per_variant(),
-                               max_model_len=config.max_new_tokens + 512, seed=config.seed,
-                               static_cache=config.hf_static_cache and torch.cuda.is_available())
     weights = RewardWeights(quality=config.quality_weight, length=config.length_weight,
                             target_tokens=config.target_tokens)
     resumed = len(records)
-    try:
+    with contextlib.ExitStack() as stack:
+        policy, adapters, adapter = base_path, {"sft": sft_dir}, "sft"
+        if config.policy_serving == "merged":
+            merged_dir = stack.enter_context(artifacts.workdir("policy-merged"))
+            with timer.part("merge"):
+                merge_adapter(base_path, sft_dir, merged_dir, bf16=config.bf16, log=log)
+            policy, adapters, adapter = str(merged_dir), {}, None
+        generator = make_generator(config.backend, policy, adapters, bf16=config.bf16,
+                                   batch_size=config.question_batch_size * config.per_variant(),
+                                   max_model_len=config.max_new_tokens + 512, seed=config.seed,
+                                   static_cache=config.hf_static_cache and has_cuda(),
+                                   max_num_seqs=config.max_num_seqs or None, request_seeds=config.request_seeds)
+        stack.callback(generator.close)
+        start_times = generator.start_times
+        timer.add_start(start_times)
         for start in range(resumed, len(problems), config.chunk_size):
             chunk = problems[start:start + config.chunk_size]
             chunk_records = [{"id": p.id, "question": p.question, "gold": p.gold, "solution": p.answer,
                               "trajectories": []} for p in chunk]
-            for v_index, variant in enumerate(config.variants):
+            for v_index, (variant, n) in enumerate(zip(config.variants, config.samples_by_variant())):
+                if n == 0:
+                    continue
                 prompts = [build_prompt(p.question, variant, config.prompt_format, tokenizer) for p in chunk]
                 # + start: a question's seed is its position, whichever chunk it falls in.
-                sampling = Sampling(n=config.per_variant(), temperature=config.temperature, top_p=config.top_p,
+                sampling = Sampling(n=n, temperature=config.temperature, top_p=config.top_p,
                                     max_new_tokens=config.max_new_tokens, seed=config.seed * 1000 + v_index + start)
-                outputs = generator.generate(prompts, sampling, adapter="sft", desc=f"rollouts/{variant}")
+                with timer.part("work"):
+                    outputs = generator.generate(prompts, sampling, adapter=adapter, desc=f"rollouts/{variant}")
                 for record, prompt, completions, problem in zip(chunk_records, prompts, outputs, chunk):
                     for completion in completions:
                         score = score_trajectory(completion.text, problem.gold, completion.num_tokens,
@@ -246,10 +288,9 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
             records += chunk_records
             if on_chunk is not None and len(records) < len(problems):
                 on_chunk(len(records), chunk_records)
-        stats = {"backend": generator.name, **generator.stats.to_dict(), "resumed_questions": resumed}
+        stats = {"backend": generator.name, **generator.stats.to_dict(), "resumed_questions": resumed,
+                 "start_times": start_times}
         return records, generator.stats.line(generator.name), stats
-    finally:
-        generator.close()
 
 
 def summarize(records: list[dict]) -> dict:

@@ -33,9 +33,10 @@ from app import artifacts, checkpoints, tracking
 from app.config import RunConfig, option, require
 from app.data import ACCEPT_UNMARKED_HELP, load_problems
 from app.log import log
-from app.models import load_causal_lm, load_tokenizer, lora_config, record_base_shape, resolve_base_model
+from app.models import gpu_bf16, load_causal_lm, load_tokenizer, lora_config, record_base_shape, resolve_base_model
 from app.phases import begin
 from app.prompts import build_prompt, sft_target
+from app.timing import PhaseTimer, step_clock
 
 
 @dataclass
@@ -82,6 +83,7 @@ def main(config: Config) -> dict | None:
         return published
 
     started = time.time()
+    timer = PhaseTimer()
     problems, report = load_problems(config.train_data, split="train", limit=config.train_limit or None,
                                      max_reject_rate=config.max_reject_rate, seed=config.seed,
                                      accept_unmarked=config.accept_answer_without_marker)
@@ -90,7 +92,8 @@ def main(config: Config) -> dict | None:
     from accelerate import PartialState
 
     with PartialState().main_process_first():
-        base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log)
+        base_path, base_lineage = resolve_base_model(config.base_model, config.store, config.run_id, log=log,
+                                                     publish_bf16=gpu_bf16(config.bf16))
     log(f"base model: {base_path}")
 
     config_hash = artifacts.config_hash(config.identity())
@@ -99,11 +102,14 @@ def main(config: Config) -> dict | None:
     log(f"sft: resuming from {resume} (step {resumed_step})" if resume else
         "sft: no checkpoint to resume from; starting at step 0")
     tracker = tracking.open_run(config, "sft")  # before the Trainer, whose integrations log into this run
-    trainer, tokenizer = build_trainer(config, base_path, problems,
-                                       callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log)])
+    clock = step_clock()
+    trainer, tokenizer = build_trainer(config, base_path, problems, timer=timer,
+                                       callbacks=[checkpoints.trainer_callback(out_uri, config_hash, log=log), clock])
     log(f"training: {len(problems)} examples x {config.sft_epochs} epochs, "
         f"batch {config.sft_batch_size} x accum {config.sft_grad_accum} x {trainer.args.world_size} processes")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with timer.part("work"):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    timer.move("work", "compile", clock.compile_seconds())
     history = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "train_loss": round(result.training_loss, 4),
@@ -115,6 +121,9 @@ def main(config: Config) -> dict | None:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "resumed_from_step": resumed_step,
     }
+    metrics["timing"] = timer.metrics(tokens=trained_tokens(trainer, config.max_seq_length, config.sft_epochs),
+                                      steps=trainer.state.global_step)
+    log("sft: timing " + json.dumps(metrics["timing"]))
     tracker.log_metrics(metrics, step=trainer.state.global_step)
     tracker.close()
     if not trainer.accelerator.is_main_process:
@@ -134,8 +143,17 @@ def main(config: Config) -> dict | None:
     return manifest
 
 
-def build_trainer(config: Config, base_path: str, problems, callbacks=None):
-    """TRL SFTTrainer over prompt-completion pairs, LoRA on all linear layers."""
+def trained_tokens(trainer, max_length: int, epochs: float) -> int:
+    """Tokens this process trains on over all epochs (rows cut at `max_length`), for tokens/s."""
+    rows = trainer.train_dataset["input_ids"]
+    return int(sum(min(len(ids), max_length) for ids in rows) * epochs)
+
+
+def build_trainer(config: Config, base_path: str, problems, callbacks=None, timer=None):
+    """TRL SFTTrainer over prompt-completion pairs, LoRA on all linear layers; `timer` (app.timing)
+    counts the model's loading as its "load" part."""
+    import contextlib
+
     import torch
     from datasets import Dataset
     from trl import SFTConfig
@@ -143,8 +161,9 @@ def build_trainer(config: Config, base_path: str, problems, callbacks=None):
     from app.training.overrides import host_arguments
     from app.training.trainers import FastSFTTrainer
 
-    tokenizer = load_tokenizer(base_path)
-    model = load_causal_lm(base_path, bf16=config.bf16)
+    with timer.part("load") if timer else contextlib.nullcontext():
+        tokenizer = load_tokenizer(base_path)
+        model = load_causal_lm(base_path, bf16=config.bf16)
     rows = [{"prompt": build_prompt(p.question, "direct", config.prompt_format, tokenizer),
              "completion": sft_target(p.answer)} for p in problems]
     dataset = Dataset.from_list(rows)
