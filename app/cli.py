@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "merge": "app.phases.merge",
     "lineage": "app.phases.lineage",
     "report": "app.phases.report",
+    "rehearse": "app.rehearse",
     "bench": "app.bench",
 }
 
