@@ -50,9 +50,9 @@ from app import artifacts
 from app.config import RUN_ID_PATTERN, option, require
 from app.errors import EXIT_RETRYABLE, InputError, PipelineError
 from app.log import banner, log, log_config
+from app.phases import PHASES
 
 STEPS = ("model", "sft", "rollouts", "preferences", "dpo", "eval", "report")
-from app.phases import PHASES  # noqa: E402 - the run's phases, in order
 REFERENCE = {"gpus": 8, "share": 0.125, "train_questions": 7473, "sft_epochs": 3, "samples": 8, "max_new_tokens": 512,
              "test_questions": 1319, "platinum_questions": 1209}
 WALLS = "rehearsal-walls.json"
@@ -360,7 +360,7 @@ def _phase_note(config: Config, phase: str, manifest: dict, lengths: dict) -> tu
         return f"{metrics.get('examples')} examples x {REFERENCE['sft_epochs']} epochs, {metrics.get('steps')} steps", 1.0
     if phase == "rollouts":
         mean = metrics.get("mean_tokens") or config.max_new_tokens
-        scale = min(1.0, answer / mean)
+        scale = answer / mean
         return (f"{metrics.get('trajectories')} samples, mean {mean} new tokens ({metrics.get('truncated')} at the "
                 f"limit), {timing.get('policy_serving')} policy; work x{scale:.2f} for {answer}-token answers"), scale
     if phase == "preferences":
@@ -369,7 +369,7 @@ def _phase_note(config: Config, phase: str, manifest: dict, lengths: dict) -> tu
     if phase == "dpo":
         pair = timing.get("mean_pair_tokens") or 1
         typical = lengths["prompt_tokens"] + 2 * answer
-        scale = min(1.0, typical / pair)
+        scale = typical / pair
         return (f"{metrics.get('pairs')} pairs, {timing.get('pairs_per_s')} pairs/s, mean {pair} tokens a pair; "
                 f"work x{scale:.2f} for {typical:.0f}-token pairs"), scale
     if phase == "eval":
@@ -378,7 +378,7 @@ def _phase_note(config: Config, phase: str, manifest: dict, lengths: dict) -> tu
         mean = (generation.get("tokens") or 0) / completions or config.max_new_tokens
         platinum = 1.0 if config.platinum else \
             (REFERENCE["test_questions"] + REFERENCE["platinum_questions"]) / REFERENCE["test_questions"]
-        scale = min(1.0, answer / mean) * platinum
+        scale = answer / mean * platinum
         return (f"{completions} answers (3 models), mean {mean:.0f} new tokens; work x{scale:.2f} for "
                 f"{answer}-token answers" + ("" if config.platinum else " and Platinum's 1,209 questions")), scale
     return "", 1.0

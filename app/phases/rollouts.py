@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,8 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
     with contextlib.ExitStack() as stack:
         policy, adapters, adapter = base_path, {"sft": sft_dir}, "sft"
         if config.policy_serving == "merged":
-            merged_dir = stack.enter_context(artifacts.workdir("policy-merged"))
+            merged_dir = merged_policy_dir(base_path, sft_dir)
+            stack.callback(shutil.rmtree, merged_dir, True)
             with timer.part("merge"):
                 merge_adapter(base_path, sft_dir, merged_dir, bf16=config.bf16, log=log)
             policy, adapters, adapter = str(merged_dir), {}, None
@@ -291,6 +293,21 @@ def generate_and_score(config: Config, base_path: str, sft_dir: str, problems, d
         stats = {"backend": generator.name, **generator.stats.to_dict(), "resumed_questions": resumed,
                  "start_times": start_times}
         return records, generator.stats.line(generator.name), stats
+
+
+def merged_policy_dir(base_path: str, sft_dir: str) -> Path:
+    """Where the merged policy is written: a fresh directory whose name depends only on the base model
+    and the adapter, so vLLM's compile cache (keyed partly by the model's path) is found again by the
+    next pod that serves the same policy."""
+    import hashlib
+    import os
+    import tempfile
+
+    key = hashlib.sha256(f"{Path(base_path).resolve()}|{Path(sft_dir).resolve()}".encode()).hexdigest()[:16]
+    path = Path(os.environ.get("PIPELINE_WORKDIR", tempfile.gettempdir())) / f"policy-merged-{key}"
+    shutil.rmtree(path, ignore_errors=True)  # a crashed attempt's half-written copy
+    path.mkdir(parents=True)
+    return path
 
 
 def summarize(records: list[dict]) -> dict:
