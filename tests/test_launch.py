@@ -44,16 +44,20 @@ def start(tmp: Path, *argv: str) -> subprocess.Popen:
 def runs(tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
     """{case: (exit code, output, the launcher's TMPDIR)} for one real launch per case."""
     root = tmp_path_factory.mktemp("launch")
-    store, nowhere = root / "store", str(root / "no-such-model")
+    # A hub model that does not exist (HF_HUB_OFFLINE): had a model been loaded first, the error would be about it.
+    store, nowhere = root / "store", "no-such-org/no-such-model"
     bad = root / "bad.jsonl"
     bad.write_text('{"question": "1 + 1?", "answer": "#### 2"}\n{"question": "2 + 2?", "answer": \n')
-    (root / "a-directory.jsonl").mkdir()
+    broken = root / "broken-model"  # passes the input check (a directory with config.json); loading it crashes
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
     common = ["--store", str(store), "--base-model", nowhere]
     cases = {
         "input": ["sft", *common, "--run-id", "bad-data", "--train-data", str(bad)],
         # The parser accepts an empty spec; only the workers' data loader rejects it (ConfigError).
         "config": ["sft", *common, "--run-id", "empty-spec", "--train-data", ""],
-        "crash": ["sft", *common, "--run-id", "crash", "--train-data", str(root / "a-directory.jsonl")],
+        "crash": ["sft", "--store", str(store), "--base-model", str(broken), "--run-id", "crash",
+                  "--train-data", "synthetic:8"],
         "done": ["sft", *common, "--run-id", "done", "--train-data", "synthetic:8"],
     }
     # A restarted Job after the phase was published: every rank finds the artifact and exits 0.
@@ -91,7 +95,7 @@ def test_a_config_error_only_the_workers_see_exits_2(runs):
 def test_a_crash_in_the_workers_keeps_torchruns_code(runs):
     code, err, _ = runs["crash"]
     assert code == EXIT_RETRYABLE, err
-    assert "IsADirectoryError" in err and "launch:" not in err
+    assert "Traceback" in err and "launch:" not in err
 
 
 def test_success_exits_0(runs):
