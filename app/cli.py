@@ -237,7 +237,8 @@ def usage() -> str:
     lines = ["usage: python -m app <command> [--flags]   (python -m app <command> --help for its flags)", "",
              "commands:"]
     for name, module_name in COMMANDS.items():
-        lines.append(f"  {name:12s} {module_name}")
+        summary = (importlib.import_module(module_name).__doc__ or module_name).strip().split("\n\n")[0]
+        lines.append(f"  {name:12s} {' '.join(summary.split())}")
     return "\n".join(lines)
 
 
