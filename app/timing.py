@@ -11,7 +11,7 @@ Every phase records `PhaseTimer.metrics()` as `metrics["timing"]` in its manifes
   weight loading (torch.compile, CUDA-graph capture, KV-cache profiling).
 - `work_s`: the training steps or the generation itself; `tokens_per_s` is over this time.
 - `other_s`: the rest of the phase's wall time (data, scoring, checkpoints, publishing).
-- `peak_gpu_mem_gib`: the device's memory in use at its peak, sampled through NVML (so the
+- `peak_gpu_mem_gib`: the GPU's memory in use at its peak, sampled through NVML (so the
   memory of a vLLM engine core in a child process counts too), else PyTorch's peak reserve.
 
 `python -m app rehearse` reads these back from the manifests; nothing here changes what a phase does.
@@ -29,7 +29,7 @@ GIB = 1024 ** 3
 
 
 class GpuMemoryPeak:
-    """Samples the device's used memory every `interval` seconds in a daemon thread (NVML, no CUDA init)."""
+    """Samples the GPU's used memory every `interval` seconds in a daemon thread (NVML, no CUDA init)."""
 
     def __init__(self, interval: float = 0.25):
         self.peak_bytes: int | None = None
