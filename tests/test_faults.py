@@ -771,12 +771,12 @@ def test_the_guides_rollout_flags_mean_what_the_guide_says(workspace, tiny_base,
     # 3,400 questions x 60 per question = 204,000 trajectories: refused before any model loads.
     assert cli_main(["rollouts", *common, "--rollout-data", "synthetic:3400", "--samples-per-variant", "20"]) == EXIT_CONFIG
     captured = capsys.readouterr()
-    assert "3400 questions x 3 variants x 20 samples = 204,000 trajectories" in captured.out
+    assert "3400 questions x 60 samples (20 direct, 20 reflective, 20 deliberative) = 204,000 trajectories" in captured.out
     assert "204,000 trajectories is more than 200,000" in one_error_line_of(captured.err)
     assert "vllm" not in captured.out and "generat" not in captured.out.split("204,000")[1]
 
     assert cli_main(["rollouts", *common, "--n_samples", "4", "--samples_per_question", "3", "--force"]) == 0
-    assert "4 questions x 3 variants x 1 samples = 12 trajectories" in capsys.readouterr().out
+    assert "4 questions x 3 samples (1 direct, 1 reflective, 1 deliberative) = 12 trajectories" in capsys.readouterr().out
     summary = artifacts.read_manifest(artifacts.phase_uri(str(store), run_id, "rollouts"))["metrics"]
     assert summary["questions"] == 4 and summary["trajectories"] == 12
 
