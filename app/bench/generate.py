@@ -37,7 +37,7 @@ def _rate_row(who: str, device, tokens: int, seconds: float, fpt: float, setting
     return result_row("generate", who, device, tokens_per_s=round(rate), tokens_per_s_per_gpu=round(rate / size),
                       peak_gib=peak_gib(device) if memory else None,
                       mfu=rounded(flops.mfu(rate / size * fpt, device_name(device))), setting=setting,
-                      seconds=round(seconds, 2), **extra)
+                      seconds=round(seconds, 2), new_tokens=tokens, **extra)
 
 
 def _new_tokens(done) -> int:

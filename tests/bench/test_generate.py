@@ -24,9 +24,9 @@ def test_bench_generate_times_vllm_base_and_adapter_beside_the_hf_path(tmp_path)
     assert set(rows) == {"ours", "ours, vllm base", "ours, vllm + SFT-shaped LoRA r16 (all linear)"}
     for row in rows.values():
         # 3 prompts x 2 samples x at most 4 new tokens, at a positive rate
-        assert row["tokens_per_s"] > 0 and row["tokens_per_s"] * row["seconds"] <= 3 * 2 * 4 + row["seconds"]
+        assert row["tokens_per_s"] > 0 and 0 < row["new_tokens"] <= 3 * 2 * 4
     for row in vllm:
-        assert row["engine_start_seconds"] > 0 and row["write_seconds"] > 0
+        assert row["engine_start_seconds"] > 0 and row["write_seconds"] >= 0  # a tiny model writes in < 0.05 s
         assert "max 8 sequences in flight" in row["setting"] and "n=2" in row["setting"]
         assert row["peak_gib"] is None  # the engine's memory is not this process's
     assert report["data"]["generate"]["samples_per_prompt"] == 2
