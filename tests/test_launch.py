@@ -165,7 +165,7 @@ def test_exit_code_table(torchrun_code, recorded, expected):
 def test_the_cli_records_its_exit_code(tmp_path, monkeypatch):
     record = tmp_path / "codes"
     monkeypatch.setenv("PIPELINE_EXIT_CODE_FILE", str(record))
-    assert cli_main(["sft", "--run-id", "Not_Valid"]) == EXIT_CONFIG
+    assert cli_main(["sft", "--run-id", "not/valid"]) == EXIT_CONFIG
     with pytest.raises(SystemExit):  # argparse: a bad flag is a usage error, exit 2
         cli_main(["sft", "--no-such-flag"])
     assert record.read_text() == "2\n2\n"
@@ -173,7 +173,7 @@ def test_the_cli_records_its_exit_code(tmp_path, monkeypatch):
 
 def test_an_unwritable_exit_code_file_does_not_hide_the_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_EXIT_CODE_FILE", str(tmp_path))  # a directory: open() fails
-    assert cli_main(["sft", "--run-id", "Not_Valid"]) == EXIT_CONFIG
+    assert cli_main(["sft", "--run-id", "not/valid"]) == EXIT_CONFIG
 
 
 def test_accelerate_launch_fails_at_once_with_a_pointer_to_app_launch(tmp_path):
