@@ -31,6 +31,12 @@ MODEL_LABEL = {"base": "Base", "sft": "SFT", "dpo": "DPO"}
 EXAMPLES_PER_FLIP = 5
 
 
+def model_label(model: str) -> str:
+    """'sft' -> 'SFT'; a later round's policy, 'dpo-r2', -> 'DPO round 2'."""
+    name, _, round_ = model.partition("-r")
+    return MODEL_LABEL.get(model) or (f"{MODEL_LABEL.get(name, name)} round {round_}" if round_ else model)
+
+
 # ---------------------------------------------------------------------------------------------
 # Numbers for people
 
@@ -171,7 +177,7 @@ def key_numbers(phase: str, metrics: dict, arrow: str = "→") -> str:
                 f"margin {number(metrics.get('last_margin'), 3)}, "
                 f"preference accuracy {percent(metrics.get('last_accuracy'))}")
     if phase == "eval":
-        return "; ".join(f"{dataset}: " + f" {arrow} ".join(f"{MODEL_LABEL[m]} {percent(by_model[m]['accuracy'])}"
+        return "; ".join(f"{dataset}: " + f" {arrow} ".join(f"{model_label(m)} {percent(by_model[m]['accuracy'])}"
                                                      for m in MODEL_ORDER if m in by_model)
                          for dataset, by_model in metrics.get("results", {}).items())
     return ""
@@ -357,7 +363,7 @@ def plot_accuracy(results: dict) -> bytes:
             low.append(100 * (row["accuracy"] - row["ci95"][0]))
             high.append(100 * (row["ci95"][1] - row["accuracy"]))
         if xs:
-            ax.bar(xs, ys, width * 0.92, yerr=[low, high], capsize=3, color=colors[model], label=MODEL_LABEL[model],
+            ax.bar(xs, ys, width * 0.92, yerr=[low, high], capsize=3, color=colors[model], label=model_label(model),
                    error_kw={"linewidth": 1})
             for x, y in zip(xs, ys):
                 ax.text(x, 1, f"{y:.1f}", ha="center", va="bottom", fontsize=7, color="white")
@@ -490,7 +496,7 @@ def _eval_tables(run: RunArtifacts, results: dict) -> str:
         rows = []
         for model in [m for m in MODEL_ORDER if m in by_model]:
             r = by_model[model]
-            rows.append([_td(MODEL_LABEL[model]),
+            rows.append([_td(model_label(model)),
                          _td(percent(r["accuracy"]), num=True, metric=f"{dataset}/{model}/accuracy"),
                          _td(f"{percent(r['ci95'][0])} to {percent(r['ci95'][1])}", num=True,
                              metric=f"{dataset}/{model}/ci95"),
@@ -503,7 +509,7 @@ def _eval_tables(run: RunArtifacts, results: dict) -> str:
                 continue
             fixed, broken = flips(run.eval_rows[(dataset, before)], run.eval_rows[(dataset, after)])
             change = 100 * (by_model[after]["accuracy"] - by_model[before]["accuracy"])
-            out.append(f"<p><b>{MODEL_LABEL[before]} → {MODEL_LABEL[after]}</b>: {change:+.1f} points, "
+            out.append(f"<p><b>{model_label(before)} → {model_label(after)}</b>: {change:+.1f} points, "
                        f'<span class="good">{len(fixed)} fixed</span>, '
                        f'<span class="bad">{len(broken)} broken</span></p>'
                        + _examples("fixed", fixed, before, after) + _examples("broken", broken, before, after))
@@ -511,7 +517,7 @@ def _eval_tables(run: RunArtifacts, results: dict) -> str:
         if comparisons:
             out.append("<p>Paired, on the same questions (95% interval: paired bootstrap; p: exact McNemar):</p>"
                        + _table(["comparison", "difference", "paired 95% interval", "fixed", "broken", "McNemar p"], [
-                           [_td(f"{MODEL_LABEL[c['before']]} → {MODEL_LABEL[c['after']]}"),
+                           [_td(f"{model_label(c['before'])} → {model_label(c['after'])}"),
                             _td(points(c["difference"]), num=True,
                                 metric=f"{dataset}/{c['before']}->{c['after']}/difference"),
                             _td(f"{points(c['ci95'][0])} to {points(c['ci95'][1])}", num=True),
@@ -539,11 +545,11 @@ def _examples(kind: str, pairs: list[tuple[dict, dict]], before: str, after: str
     items = []
     for b, a in pairs[:EXAMPLES_PER_FLIP]:
         items.append(f"<details><summary>{_e(_short(b.get('question', '')))} (gold {_e(b.get('gold'))}: "
-                     f"{MODEL_LABEL[before]} {_e(b.get('answer'))}, "
-                     f"{MODEL_LABEL[after]} {_e(a.get('answer'))})</summary>"
+                     f"{model_label(before)} {_e(b.get('answer'))}, "
+                     f"{model_label(after)} {_e(a.get('answer'))})</summary>"
                      f"<p>{_e(b.get('question', ''))}</p>"
-                     f"<p><b>{MODEL_LABEL[before]}</b></p><pre>{_e(b.get('prediction', ''))}</pre>"
-                     f"<p><b>{MODEL_LABEL[after]}</b></p><pre>{_e(a.get('prediction', ''))}</pre></details>")
+                     f"<p><b>{model_label(before)}</b></p><pre>{_e(b.get('prediction', ''))}</pre>"
+                     f"<p><b>{model_label(after)}</b></p><pre>{_e(a.get('prediction', ''))}</pre></details>")
     rest = len(pairs) - EXAMPLES_PER_FLIP
     more = f"<p>… and {rest} more in the eval artifact.</p>" if rest > 0 else ""
     return (f'<details class="flips" data-kind="{kind}"><summary>{len(pairs)} questions {kind} '

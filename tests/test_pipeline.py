@@ -31,7 +31,7 @@ def test_embedded_pipeline_runs_every_phase_with_defaults(tmp_path):
     report = (tmp_path / "artifacts" / "runs" / "demo" / "report.md").read_text()
     assert "| sft | ran |" in report and "| eval | ran |" in report
     assert "Base " in report and " -> SFT " in report and " -> DPO " in report
-    page = (tmp_path / "runs" / "runs" / "demo" / "report.html").read_text()
+    page = (tmp_path / "artifacts" / "runs" / "demo" / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 6  # every plot, embedded
     assert "Base " in result.stdout and "run report" in result.stdout
     # Logs meant for `kubectl logs`: every phase announces itself with a banner line.
