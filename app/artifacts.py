@@ -500,7 +500,7 @@ def local_copy(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """
     if not is_s3(uri):
         path = Path(uri).expanduser()
-        if not path.is_file():
+        if not path.exists() or path.is_dir():  # a named pipe is a file here too
             raise InputError(f"{uri}: no such file")
         return path
     backend, key = open_store(uri)

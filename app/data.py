@@ -187,7 +187,7 @@ def local_file(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         raise InputError(f"{spec}: is a directory; give a JSONL file (one problem per line)")
-    if not path.is_file():
+    if not path.exists():  # a named pipe or /dev/fd/N (`--train-data <(zcat train.jsonl.gz)`) is a file too
         raise InputError(f"{spec}: no such file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{spec}: not readable")

@@ -114,8 +114,11 @@ def test_sigterm_reaches_torchrun_and_its_workers(tmp_path):
     They block opening a FIFO that no one writes, so only a signal can end them."""
     fifo = tmp_path / "train.jsonl"
     os.mkfifo(fifo)
+    model = tmp_path / "model"  # passes the input checks (a directory with a config.json); never loaded
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     proc = start(tmp_path, "sft", "--store", str(tmp_path / "store"), "--run-id", "sigterm",
-                 "--train-data", str(fifo), "--base-model", str(tmp_path / "no-such-model"))
+                 "--train-data", str(fifo), "--base-model", str(model))
     workers: list[int] = []
     try:
         deadline = time.monotonic() + TIMEOUT_S
