@@ -36,6 +36,8 @@ class Config:
     sft_grad_accum: int = option(1, "ours: gradient accumulation steps")
     dpo_batch_size: int = option(2, "ours: pairs per device per micro-step (the abel-7b preset's)")
     dpo_grad_accum: int = option(2, "ours: gradient accumulation steps")
+    dpo_sft_weight: float = option(1.0, "ours, DPO: weight of the NLL term on the chosen answer (1.0 = the abel-7b "
+                                        "preset's rpo recipe; 0 = plain DPO, the reference recipe)")
     max_tokens: int = option(8192, "ours: tokens per packed row (memory only; the update does not depend on it)")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")

@@ -236,6 +236,8 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                      gradient_accumulation_steps=1, max_steps=_our_steps(config), learning_rate=5e-6,
                      lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=1024, logging_steps=10,
                      logging_first_step=True, gradient_checkpointing=False,
+                     loss_type=["sigmoid", "sft"] if config.dpo_sft_weight > 0 else ["sigmoid"],
+                     loss_weights=[1.0, config.dpo_sft_weight] if config.dpo_sft_weight > 0 else None,
                      precompute_ref_log_probs=config.precompute_reference, **host_arguments(),
                      **_common_args(config, device, "bench-dpo-", workers=2 if device.type == "cuda" else 0))
     reset_memory(device)
@@ -243,7 +245,8 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     trainer = FastDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              compile=config.compile and device.type == "cuda",
                              cuda_graphs=config.dpo_graphs and device.type == "cuda",
-                             graph_pad_multiple=config.graph_pad_multiple, share_prompt=config.dpo_share_prompt)
+                             graph_pad_multiple=config.graph_pad_multiple, share_prompt=config.dpo_share_prompt,
+                             nll_group_pairs=config.dpo_batch_size)
     setup_seconds = time.perf_counter() - started
     graph_window = _graph_window(trainer, config.warmup_steps, config.warmup_steps + config.steps)
     trainer.add_callback(graph_window)
@@ -264,7 +267,8 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     log(f"dpo ours: {train_rate:.2f} pairs/s training steps, reference pass {ref_rate or 0:.1f} pairs/s "
         f"({ref_seconds:.1f}s of {setup_seconds:.1f}s setup), {end_to_end:.2f} pairs/s together; step-0 loss "
         f"{step0.get('loss')} margin {step0.get('rewards/margins')} (ln 2 = {math.log(2):.6f})")
-    setting = (f"FastDPOTrainer, batch {config.dpo_batch_size}x{config.dpo_grad_accum} as one micro-batch: reference "
+    setting = (f"FastDPOTrainer, {'DPO + NLL weight ' + format(config.dpo_sft_weight, 'g') if config.dpo_sft_weight else 'DPO'}, "
+               f"batch {config.dpo_batch_size}x{config.dpo_grad_accum} as one micro-batch: reference "
                + ("precomputed in large rows" if config.precompute_reference else
                   "= frozen adapter on the same packed row")
                + (", each prompt computed once for both completions" if config.dpo_share_prompt else "")
@@ -343,14 +347,16 @@ def check_dpo(model, pairs, device, log, share_prompt: bool = True) -> dict:
 
 
 def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int, mean_len: float) -> dict:
-    """TRL DPOTrainer at its defaults; the policy is a LoRA model, TRL keeps a frozen adapter copy as reference."""
+    """TRL DPOTrainer at its defaults, with ours' loss (the NLL term at --dpo-sft-weight); the policy is a LoRA
+    model, TRL keeps a frozen adapter copy as reference."""
     from trl import DPOConfig, DPOTrainer
 
     from app.training.distributed import world
 
     model = sft_adapter(base, config, config.seed + 11)
+    loss = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.dpo_sft_weight]) if config.dpo_sft_weight > 0 else {}
     args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=_peer_steps(config),
-                     logging_steps=1, **_common_args(config, device, "bench-dpo-peer-"))
+                     logging_steps=1, **loss, **_common_args(config, device, "bench-dpo-peer-"))
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     run = time_trainer(trainer, device, 1, config.peer_steps, _peer_profile_steps(config),
                        _trace(config, "dpo-peer"))

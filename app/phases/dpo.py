@@ -221,14 +221,13 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
     on_gpu = torch.cuda.is_available()
     # Batch x accumulation as one micro-batch (the same pairs per optimizer step, the loss averaged over
-    # them), which also lets the step replay as a CUDA graph. Not with the NLL term: TRL takes its token
-    # mean per micro-batch, and merging would reweight it.
-    merged = config.dpo_sft_weight == 0
+    # them), which also lets the step replay as a CUDA graph. TRL takes the NLL term's token mean per
+    # micro-batch: the trainer takes it per group of --dpo-batch-size pairs, so the loss stays TRL's.
     args = DPOConfig(
         output_dir=str(artifacts.trainer_dir("dpo", config.run_id)),
         num_train_epochs=config.dpo_epochs,
-        per_device_train_batch_size=config.dpo_batch_size * (config.dpo_grad_accum if merged else 1),
-        gradient_accumulation_steps=1 if merged else config.dpo_grad_accum,
+        per_device_train_batch_size=config.dpo_batch_size * config.dpo_grad_accum,
+        gradient_accumulation_steps=1,
         learning_rate=config.dpo_learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
@@ -254,5 +253,5 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     )
 
     trainer = FastDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                             processing_class=tokenizer, callbacks=callbacks)
+                             processing_class=tokenizer, callbacks=callbacks, nll_group_pairs=config.dpo_batch_size)
     return trainer, tokenizer

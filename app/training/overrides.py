@@ -24,7 +24,9 @@ Settings the phases pass (`host_arguments()`; not a patch, but the Trainer's def
      what one learns).
   The phases also merge per-device batch x gradient accumulation into one micro-batch where they
   build their TrainingArguments (app/phases/sft.py, dpo.py): the same examples per optimizer step
-  (the sampler's order does not depend on the batch size) and the same normalisation.
+  (the sampler's order does not depend on the batch size) and the same normalisation. DPO's NLL
+  term ('sft', a token mean per micro-batch in TRL) is taken per group of the original micro-batch's
+  pairs (`trainers.chosen_nll`), so the loss stays TRL's; guarded by tests/training/test_trainers.py.
 
 Patches of objects the libraries own
   4. `packed_row_detection_off()`: transformers' `masking_utils.find_packed_sequence_indices`

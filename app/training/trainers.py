@@ -272,12 +272,34 @@ class _AdapterSwap:
         return False
 
 
+def chosen_nll(token_logps: torch.Tensor, owner: torch.Tensor, pairs: int, group_pairs: int | None = None) -> torch.Tensor:
+    """TRL's 'sft' term: minus the mean log-prob of the chosen completions' tokens, taken per group of
+    `group_pairs` consecutive pairs (the micro-batches TRL would have seen) and averaged over the groups.
+    `owner` maps each token's log-prob to its sequence (2i chosen, 2i+1 rejected, >= 2 * pairs filler)."""
+    # Masks and index_add, not boolean indexing: no host sync, fixed shapes for CUDA graphs.
+    chosen_mask = ((owner % 2 == 0) & (owner < 2 * pairs)).to(token_logps.dtype)
+    group = group_pairs if group_pairs and group_pairs < pairs else pairs
+    groups = -(-pairs // group)
+    if groups == 1:
+        return -(token_logps * chosen_mask).sum() / chosen_mask.sum()
+    group_of = torch.clamp(owner // (2 * group), max=groups - 1)  # filler tokens are masked out anyway
+    sums = torch.zeros(groups, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, group_of, token_logps * chosen_mask)
+    counts = torch.zeros(groups, dtype=token_logps.dtype, device=token_logps.device).index_add(0, group_of, chosen_mask)
+    return -(sums / counts.clamp(min=1)).mean()
+
+
 class FastDPOTrainer(DPOTrainerOverrides, _FastStep, DPOTrainer):
     """TRL's DPOTrainer (sigmoid loss, PEFT policy whose start is the reference) with the fast step."""
 
     def __init__(self, *args, compile: bool | None = None, reference_max_tokens: int = 16384,
                  cuda_graphs: bool | None = None,
-                 graph_pad_multiple: int = GRAPH_PAD_MULTIPLE, share_prompt: bool = True, **kwargs):
+                 graph_pad_multiple: int = GRAPH_PAD_MULTIPLE, share_prompt: bool = True,
+                 nll_group_pairs: int | None = None, **kwargs):
+        """`nll_group_pairs`: with TRL's 'sft' term, take its token mean over groups of this many pairs
+        of the micro-batch and average the groups, which is TRL's loss for a batch of that many pairs
+        accumulated over micro-batches, computed in one micro-batch (so the step can be a CUDA graph);
+        None: one mean over the whole micro-batch."""
         args_ = kwargs.get("args")
         if args_ is None:
             raise ValueError("FastDPOTrainer needs args=DPOConfig(...)")
@@ -290,6 +312,7 @@ class FastDPOTrainer(DPOTrainerOverrides, _FastStep, DPOTrainer):
                              f"got loss_type={args_.loss_type}")
         self.tokens_seen = 0
         self._pending_metrics = {"train": [], "eval": []}
+        self._nll_group_pairs = nll_group_pairs
         self._compile = _default_compile() if compile is None else compile
         self._reference_max_tokens = reference_max_tokens
         self._swap = None
@@ -460,10 +483,8 @@ class FastDPOTrainer(DPOTrainerOverrides, _FastStep, DPOTrainer):
             ref_chosen, ref_rejected = self._reference(model, inputs)
             chosen, rejected, token_logps, owner = pair_sums(model, inputs, token_logps=True)
         loss = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta).mean() * self._loss_weights["sigmoid"]
-        if "sft" in self._loss_weights:  # TRL's: mean NLL over the chosen completions' tokens of the micro-batch
-            # A mask, not boolean indexing (no host sync); a padded row's filler is no chosen completion.
-            chosen_mask = ((owner % 2 == 0) & (owner < 2 * chosen.shape[0])).to(token_logps.dtype)
-            loss = loss - (token_logps * chosen_mask).sum() / chosen_mask.sum() * self._loss_weights["sft"]
+        if "sft" in self._loss_weights:  # TRL's: mean NLL over the chosen completions' tokens of a micro-batch
+            loss = loss + chosen_nll(token_logps, owner, chosen.shape[0], self._nll_group_pairs) * self._loss_weights["sft"]
 
         # The metrics TRL logs (the dpo phase checks the step-0 loss and margin from them), kept on
         # the device until the step is logged: reading each back here (TRL's `.item()`) would make

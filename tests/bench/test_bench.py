@@ -51,7 +51,10 @@ def test_bench_runs_end_to_end_on_a_tiny_shape(tmp_path):
     assert sft["check_loss_ours"] == pytest.approx(sft["check_loss_plain"], rel=1e-5)  # fp32 on the CPU
     assert sft["check_grad_rel_diff"] < 1e-4
     dpo = rows["dpo", "ours"]
-    assert dpo["step0_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # The default loss is the abel-7b preset's (DPO + NLL weight 1): ln 2 plus the chosen answers' NLL at step 0.
+    assert dpo["step0_margin"] == pytest.approx(0.0, abs=1e-6) and dpo["step0_loss"] > math.log(2) + 1
+    assert dpo["step0_loss"] == pytest.approx(rows["dpo", "peer"]["step0_loss"], rel=1e-3)  # TRL's, same loss
+    assert "DPO + NLL weight 1" in dpo["setting"]
     assert dpo["check_logp_max_abs_diff"] < 1e-2
     assert sft["ours_over_peer"] > 0 and "device" in sft
 
