@@ -5,6 +5,7 @@
 #   scripts/proving-ground.sh pipeline        # only: base -> SFT -> DPO round 1 -> round 2, on the test split
 #   scripts/proving-ground.sh sweep           # only: the recipes on round 1's SFT adapter and pairs
 #   STORE=/data/pg RUN=pg2 scripts/proving-ground.sh
+#   PIPELINE_BACKEND=vllm scripts/proving-ground.sh     # any flag, as PIPELINE_<FLAG>, for every phase that has it
 #
 # pipeline: `python -m app pipeline --preset small --rounds 2`: builds and pretrains the 30.9 M
 #   model, SFT, rollouts, pairs, DPO (the preset's recipe: DPO + NLL weight 1), a second round
@@ -21,14 +22,17 @@ STORE=${STORE:-runs-small}
 RUN=${RUN:-pg}
 PY=${PY:-python}
 STAGE=${1:-all}
+VAL_DATA=${VAL_DATA:-synthetic-hard-val:1000}
 app() { "$PY" -m app "$@"; }
 banner() { printf '\n=== %s ===\n' "$*"; }
 
-# name | dpo flags | preferences flags (empty: reuse the pipeline's pairs)
+# name | dpo flags (@pipeline: the pipeline's own DPO, the preset's recipe) | preferences flags (empty: the
+# pipeline's pairs). `reference` is the guide's plain DPO at its lr and beta, at its global batch of 32 pairs
+# (2 x 2 accumulation x 8 GPUs) on one GPU.
 RECIPES=(
-  "reference|--dpo-recipe reference|"
+  "reference|--dpo-recipe reference --dpo-batch-size 16 --dpo-grad-accum 2|"
   "dpo|--dpo-rpo-alpha 0|"
-  "rpo|--dpo-recipe rpo|"
+  "rpo|@pipeline|"
   "rpo-lr2e-4|--dpo-recipe rpo --dpo-learning-rate 2e-4|"
   "rpo-beta0.5|--dpo-recipe rpo --dpo-beta 0.5|"
   "rpo-gold|--dpo-recipe rpo|--gold-anchored"
@@ -38,8 +42,9 @@ RECIPES=(
 seed_run() {
   local run=$1; shift
   mkdir -p "$STORE/runs/$run"
-  for phase in "$@"; do
-    [ -e "$STORE/runs/$run/$phase" ] || cp -r "$STORE/runs/$RUN/$phase" "$STORE/runs/$run/$phase"
+  for phase in "$@"; do  # (no base/ when --base-model names a directory or hub id: nothing was built)
+    [ -e "$STORE/runs/$run/$phase" ] || [ ! -e "$STORE/runs/$RUN/$phase" ] ||
+      cp -r "$STORE/runs/$RUN/$phase" "$STORE/runs/$run/$phase"
   done
 }
 
@@ -75,9 +80,13 @@ if [ "$STAGE" = all ] || [ "$STAGE" = sweep ]; then
     else
       seed_run "$run" base sft rollouts preferences
     fi
-    # shellcheck disable=SC2086
-    app dpo --preset small --store "$STORE" --run-id "$run" $dpo_flags
-    app eval --preset small --store "$STORE" --run-id "$run" --models sft,dpo --eval-data synthetic-hard-val:1000
+    if [ "$dpo_flags" = @pipeline ]; then
+      seed_run "$run" dpo
+    else
+      # shellcheck disable=SC2086
+      app dpo --preset small --store "$STORE" --run-id "$run" $dpo_flags
+    fi
+    app eval --preset small --store "$STORE" --run-id "$run" --models sft,dpo --eval-data "$VAL_DATA"
     read -r gain low high fixed broken p <<< "$(accuracy_gain "$run")"
     printf '| %s | %s pts | %s to %s pts | %s | %s | %s |\n' "$name" "$gain" "$low" "$high" "$fixed" "$broken" "$p" >> "$table"
     if "$PY" -c "import sys; sys.exit(0 if float('$gain') > float('$best_gain') else 1)"; then
@@ -89,7 +98,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = sweep ]; then
   cp -r "$STORE/runs/$RUN-$best/dpo" "$STORE/runs/$RUN-$best-test/dpo"
   app eval --preset small --store "$STORE" --run-id "$RUN-$best-test" --models base,sft,dpo
   read -r gain low high fixed broken p <<< "$(accuracy_gain "$RUN-$best-test")"
-  printf '\nBest on validation: %s. On the test split (synthetic-hard-test:1000): SFT -> DPO %s pts, paired 95%% CI %s to %s pts (%s fixed, %s broken, McNemar p %s).\n' \
+  printf '\nBest on validation: %s. On the test split: SFT -> DPO %s pts, paired 95%% CI %s to %s pts (%s fixed, %s broken, McNemar p %s).\n' \
     "$best" "$gain" "$low" "$high" "$fixed" "$broken" "$p" >> "$table"
   banner "sweep table ($table)"
   cat "$table"
