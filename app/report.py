@@ -31,6 +31,18 @@ MODEL_LABEL = {"base": "Base", "sft": "SFT", "dpo": "DPO"}
 EXAMPLES_PER_FLIP = 5
 
 
+def model_round(model: str) -> int:
+    """1 for base, sft and dpo; r for a later round's policy, 'dpo-r<r>'."""
+    _, _, round_ = model.partition("-r")
+    return int(round_) if round_.isdigit() else 1
+
+
+def ordered_models(by_model) -> list[str]:
+    """The models of `by_model` in pipeline order: base, sft, dpo, then dpo-r2, dpo-r3, ..."""
+    later = sorted((m for m in by_model if m not in MODEL_ORDER and model_round(m) > 1), key=model_round)
+    return [m for m in MODEL_ORDER if m in by_model] + later
+
+
 def model_label(model: str) -> str:
     """'sft' -> 'SFT'; a later round's policy, 'dpo-r2', -> 'DPO round 2'."""
     name, _, round_ = model.partition("-r")
@@ -83,6 +95,7 @@ class RunArtifacts:
     manifests: dict[str, dict | None]                     # phase -> manifest (None: not published)
     sft_history: list[dict] = field(default_factory=list)  # the Trainer's log_history rows with a loss
     dpo_history: list[dict] = field(default_factory=list)
+    round_dpo_history: dict[int, list[dict]] = field(default_factory=dict)  # round r >= 2 -> its DPO's rows
     trajectories: dict[str, dict[str, list]] = field(default_factory=dict)  # variant -> reward/num_tokens/correct
     eval_summary: dict = field(default_factory=dict)
     eval_rows: dict[tuple[str, str], list[dict]] = field(default_factory=dict)  # (dataset, model) -> rows
@@ -90,15 +103,34 @@ class RunArtifacts:
 
 
 def collect(store: str, run_id: str, phases: tuple[str, ...]) -> RunArtifacts:
-    """Read the run's published artifacts; a phase that is not published is shown as such."""
-    uris = {phase: artifacts.phase_uri(store, run_id, phase) for phase in phases}
+    """Read the run's published artifacts; a phase that is not published is shown as such. Later
+    rounds of preference training (`round-<r>/`, r = 2, 3, ... while any of its phases is
+    published) come before eval, as the pipeline runs them."""
+    from app.phases import ROUND_PHASES, step_name
+
+    uris = {phase: artifacts.phase_uri(store, run_id, phase) for phase in phases if phase != "eval"}
+    r = 2
+    while True:
+        found = {step_name((phase, r)): artifacts.phase_uri(store, run_id, phase, r) for phase in ROUND_PHASES}
+        if not any(artifacts.read_manifest(uri) for uri in found.values()):
+            break
+        uris.update(found)
+        r += 1
+    if "eval" in phases:
+        uris["eval"] = artifacts.phase_uri(store, run_id, "eval")
     manifests = {phase: artifacts.read_manifest(uri) for phase, uri in uris.items()}
     run = RunArtifacts(store=store, run_id=run_id, manifests=manifests)
-    for phase in ("sft", "dpo"):
-        if manifests.get(phase) and "metrics.json" in manifests[phase]["files"]:
-            path, _ = artifacts.fetch(uris[phase])
-            history = json.loads((path / "metrics.json").read_text()).get("loss_history", [])
-            setattr(run, f"{phase}_history", [row for row in history if "loss" in row])
+
+    def history(phase: str) -> list[dict]:
+        if not (manifests.get(phase) and "metrics.json" in manifests[phase]["files"]):
+            return []
+        path, _ = artifacts.fetch(uris[phase])
+        return [row for row in json.loads((path / "metrics.json").read_text()).get("loss_history", []) if "loss" in row]
+
+    run.sft_history, run.dpo_history = history("sft"), history("dpo")
+    for later in range(2, r):
+        if history(step_name(("dpo", later))):
+            run.round_dpo_history[later] = history(step_name(("dpo", later)))
     if manifests.get("rollouts"):
         from app.data import read_jsonl
 
@@ -161,6 +193,7 @@ def phase_rows(run: RunArtifacts, timings: dict | None, arrow: str = "→") -> l
 
 
 def key_numbers(phase: str, metrics: dict, arrow: str = "→") -> str:
+    phase = phase.rsplit("/", 1)[-1]  # round-2/dpo: a dpo
     if phase == "sft":
         return (f"loss {number(metrics.get('first_logged_loss'))} {arrow} {number(metrics.get('last_logged_loss'))}, "
                 f"{number(metrics.get('steps'))} steps")
@@ -178,7 +211,7 @@ def key_numbers(phase: str, metrics: dict, arrow: str = "→") -> str:
                 f"preference accuracy {percent(metrics.get('last_accuracy'))}")
     if phase == "eval":
         return "; ".join(f"{dataset}: " + f" {arrow} ".join(f"{model_label(m)} {percent(by_model[m]['accuracy'])}"
-                                                     for m in MODEL_ORDER if m in by_model)
+                                                     for m in ordered_models(by_model))
                          for dataset, by_model in metrics.get("results", {}).items())
     return ""
 
@@ -192,7 +225,7 @@ def flips(before: list[dict], after: list[dict]) -> tuple[list[tuple[dict, dict]
 
 
 def steps(by_model: dict) -> list[tuple[str, str]]:
-    models = [m for m in MODEL_ORDER if m in by_model]
+    models = ordered_models(by_model)
     return list(zip(models, models[1:]))
 
 
@@ -350,27 +383,30 @@ def plot_accuracy(results: dict) -> bytes:
     plt = _pyplot()
     datasets = list(results)
     fig, ax = plt.subplots(figsize=(max(4.8, 2.6 * len(datasets) + 1.6), 3.0))
-    width = 0.8 / len(MODEL_ORDER)
+    models = ordered_models({m: None for by_model in results.values() for m in by_model})
+    width = 0.8 / len(models)
     colors = {"base": "#999999", "sft": "#4c72b0", "dpo": "#55a868"}
-    for i, model in enumerate(MODEL_ORDER):
+    later = ["#8172b2", "#c44e52", "#ccb974", "#64b5cd", "#dd8452"]  # dpo-r2, dpo-r3, ...
+    for i, model in enumerate(models):
         xs, ys, low, high = [], [], [], []
         for d, dataset in enumerate(datasets):
             row = results[dataset].get(model)
             if row is None:
                 continue
-            xs.append(d + (i - 1) * width)
+            xs.append(d + (i - (len(models) - 1) / 2) * width)
             ys.append(100 * row["accuracy"])
             low.append(100 * (row["accuracy"] - row["ci95"][0]))
             high.append(100 * (row["ci95"][1] - row["accuracy"]))
         if xs:
-            ax.bar(xs, ys, width * 0.92, yerr=[low, high], capsize=3, color=colors[model], label=model_label(model),
+            color = colors.get(model) or later[(model_round(model) - 2) % len(later)]
+            ax.bar(xs, ys, width * 0.92, yerr=[low, high], capsize=3, color=color, label=model_label(model),
                    error_kw={"linewidth": 1})
             for x, y in zip(xs, ys):
                 ax.text(x, 1, f"{y:.1f}", ha="center", va="bottom", fontsize=7, color="white")
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_ylabel("accuracy (%), 95% interval")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, frameon=False, ncol=3, loc="upper left")
+    ax.legend(fontsize=8, frameon=False, ncol=min(len(models), 4), loc="upper left")
     fig.subplots_adjust(left=0.12, right=0.98, bottom=0.12, top=0.95)
     return _png(fig)
 
@@ -465,7 +501,13 @@ def render_html(run: RunArtifacts, timings: dict | None = None, total_seconds: f
         parts.append("<section><h2>DPO</h2>" + _img(plot_curves(run.dpo_history, [
             ("loss", "loss"), ("rewards/margins", "reward margin (chosen − rejected)"),
             ("rewards/accuracies", "preference accuracy")]), "DPO curves", "dpo-curves")
-            + _metrics_line(run.manifests["dpo"]) + "</section>")
+            + _metrics_line(run.manifests["dpo"])
+            + "".join(f"<h3>Round {r}</h3>" + _img(plot_curves(rows, [
+                ("loss", "loss"), ("rewards/margins", "reward margin (chosen − rejected)"),
+                ("rewards/accuracies", "preference accuracy")]), f"DPO round {r} curves", f"dpo-r{r}-curves")
+                + _metrics_line(run.manifests.get(f"round-{r}/dpo"))
+                for r, rows in sorted(run.round_dpo_history.items()))
+            + "</section>")
 
     results = run.eval_summary.get("results", {})
     if results:
@@ -494,7 +536,7 @@ def _eval_tables(run: RunArtifacts, results: dict) -> str:
     out = []
     for dataset, by_model in results.items():
         rows = []
-        for model in [m for m in MODEL_ORDER if m in by_model]:
+        for model in ordered_models(by_model):
             r = by_model[model]
             rows.append([_td(model_label(model)),
                          _td(percent(r["accuracy"]), num=True, metric=f"{dataset}/{model}/accuracy"),

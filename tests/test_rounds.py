@@ -93,3 +93,14 @@ def test_two_rounds_on_the_tiny_model(small_run, tiny_model_dir, tmp_path):
     assert manifest["inputs"]["dpo-r2"]["uri"] == uri("dpo", 2)
     report = (path / "report.md").read_text()
     assert "| dpo-r2 |" in report and "| dpo -> dpo-r2 |" in report
+    # The run report too: round 2's phases before eval, its DPO curves, its accuracy and flips.
+    run_report = (store / "runs" / run_id / "report.md").read_text()
+    phase_lines = [line for line in run_report.splitlines() if line.startswith("| ") and " | " in line[2:]]
+    assert [line.split(" | ")[0][2:] for line in phase_lines[1:9]] == [
+        "sft", "rollouts", "preferences", "dpo", "round-2/rollouts", "round-2/preferences", "round-2/dpo", "eval"]
+    assert "pairs (" in phase_lines[6] and "step-0 loss" in phase_lines[7]  # key numbers as round 1's
+    assert "DPO round 2" in phase_lines[8]
+    page = (store / "runs" / run_id / "report.html").read_text()
+    accuracy = summary["results"]["synthetic-test"]["dpo-r2"]["accuracy"]
+    assert f'data-metric="synthetic-test/dpo-r2/accuracy">{100 * accuracy:.1f}%' in page
+    assert 'data-plot="dpo-r2-curves"' in page and "DPO → DPO round 2</b>" in page
