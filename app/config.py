@@ -20,12 +20,15 @@ RUN_ID_RULE = "letters, digits, '.', '_' and '-', at most 63 characters, startin
 BUILT_BASE_MODELS = ("tiny", "small")  # base models app/tiny.py builds, named by --base-model
 
 
-def option(default, help: str, aliases: tuple[str, ...] = (), location: bool = False, **kwargs):
+def option(default, help: str, aliases: tuple[str, ...] = (), location: bool = False, added: bool = False,
+           **kwargs):
     """A config field with its `--help` text (and extra flag spellings); lists get a factory.
 
     `location`: the value may be a local path (a store, a data file, a model directory), which
-    the config's identity compares resolved, so `artifacts` and `./artifacts` are the same store."""
-    metadata = {"help": help, "aliases": aliases, "location": location}
+    the config's identity compares resolved, so `artifacts` and `./artifacts` are the same store.
+    `added`: a field added after artifacts were published without it; at its default it is left out
+    of the identity, so those artifacts still count as the same config."""
+    metadata = {"help": help, "aliases": aliases, "location": location, "added": added}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -73,12 +76,18 @@ class RunConfig:
             if f.name in ("store", "run_id", "force", "report_to", "tracking_dir"):
                 continue
             value = getattr(self, f.name)
+            if f.metadata.get("added") and value == _default(f):
+                continue
             if unwrap_optional(hints[f.name]) is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if f.metadata.get("location") and isinstance(value, str):
                 value = resolve_location(value)
             values[f.name] = value
         return values
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def resolve_location(value: str) -> str:

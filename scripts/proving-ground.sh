@@ -33,9 +33,10 @@ RECIPES=(
   "reference|--dpo-recipe reference --dpo-batch-size 16 --dpo-grad-accum 2|"
   "dpo|--dpo-rpo-alpha 0|"
   "rpo|@pipeline|"
-  "rpo-lr2e-4|--dpo-recipe rpo --dpo-learning-rate 2e-4|"
+  "rpo-lr1e-5|--dpo-recipe rpo --dpo-learning-rate 1e-5|"
   "rpo-beta0.5|--dpo-recipe rpo --dpo-beta 0.5|"
   "rpo-gold|--dpo-recipe rpo|--gold-anchored"
+  "rpo-direct|--dpo-recipe rpo|--pair-variants direct"
 )
 
 # A run that starts from the pipeline's run: the same base model and SFT adapter (and pairs).

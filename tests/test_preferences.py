@@ -143,3 +143,32 @@ def test_gold_anchored_needs_the_reference_solution_in_the_rollouts(tmp_path):
     assert len(read_rollouts(path)) == 2  # not needed without the option
     with pytest.raises(InputError, match=r"rollouts.jsonl:2: missing field 'solution'.*rerun rollouts"):
         read_rollouts(path, need_solution=True)
+
+
+def test_pair_variants_pairs_only_what_was_sampled_under_those_prompts():
+    records = [record("q1", traj("d right", True, 1.2), traj("d wrong", False, 0.1),
+                      traj("r right", True, 1.3, variant="reflective"), traj("r wrong", False, 0.0, variant="reflective"),
+                      traj("p wrong", False, 0.2, variant="deliberative")),
+               record("q2", traj("r only right", True, 1.0, variant="reflective"), traj("d only wrong", False, 0.0))]
+    every, summary = build_pairs(records, config())
+    assert summary["by_variant"] == {"chosen": {"direct": 1, "reflective": 3},
+                                     "rejected": {"deliberative": 1, "direct": 2, "reflective": 1}}
+    assert summary["pair_variants"] == "all" and summary["trajectories_of_other_variants"] == 0
+
+    direct, summary = build_pairs(records, config(pair_variants=["direct"]))
+    assert {p["chosen"] for p in direct} == {"d right"} and {p["rejected"] for p in direct} == {"d wrong"}
+    assert {(p["chosen_variant"], p["rejected_variant"]) for p in direct} == {("direct", "direct")}
+    # q2 has no direct sample that is right: no pair, and it counts as all wrong under that filter.
+    assert summary["questions_all_wrong"] == 1 and summary["trajectories_of_other_variants"] == 4
+    assert summary["by_variant"] == {"chosen": {"direct": 1}, "rejected": {"direct": 1}}
+    assert any("only direct: 4 trajectories of other variants left out" in line
+               for line in describe(summary, config(pair_variants=["direct"])))
+
+
+def test_pair_variants_is_checked_and_at_its_default_leaves_the_identity_as_it_was():
+    from app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--pair-variants thoughtful"):
+        config(pair_variants=["thoughtful"]).validate()
+    assert "pair_variants" not in config().identity()  # artifacts published before the option still match
+    assert config(pair_variants=["direct"]).identity()["pair_variants"] == ["direct"]

@@ -23,6 +23,9 @@ gold-anchored pair's chosen side is the reference (no reward: `chosen_reward` an
 are null, `chosen_variant` is "reference").
 `--max-*-pairs-per-question` caps how much one question can weigh. The pair's prompt
 is the `direct` variant's prompt, the one the model is evaluated and deployed with.
+`--pair-variants direct` pairs only the trajectories sampled under that prompt (on-policy for
+it); by default every variant's trajectories are paired. The summary counts the pairs' chosen
+and rejected sides by the variant they were sampled under.
 
 Output `preferences.jsonl`: {"prompt", "chosen", "rejected", "type", "margin",
 "question_id", "chosen_reward", "rejected_reward", "chosen_variant", "rejected_variant"}
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from app import artifacts, tracking
@@ -43,7 +47,7 @@ from app.errors import InputError
 from app.log import log
 from app.models import load_tokenizer, resolve_base_model
 from app.phases import ROUND_HELP, begin
-from app.prompts import build_prompt, sft_target
+from app.prompts import VARIANTS, build_prompt, sft_target
 
 
 @dataclass
@@ -56,9 +60,13 @@ class Config(RunConfig):
     gold_anchored: bool = option(False, "where a question has no correct trajectory, pair the reference solution "
                                  "(chosen) against wrong trajectories (rejected)")
     max_gold_pairs_per_question: int = option(1, "cap on gold-anchored pairs per question (with --gold-anchored)")
+    pair_variants: list[str] = option([], "pair only trajectories sampled under these prompt variants, e.g. 'direct' "
+                                      "(the pairs' prompt); empty: every variant's", added=True)
 
     def validate(self) -> None:
         super().validate()
+        bad = [v for v in self.pair_variants if v not in VARIANTS]
+        require(not bad, f"--pair-variants {','.join(bad)}: choose from {', '.join(VARIANTS)}")
         require(self.round >= 1, f"--round must be >= 1, got {self.round}")
         require(self.quality_threshold >= 0, f"--quality-threshold must be >= 0, got {self.quality_threshold}")
         require(self.max_correctness_pairs_per_question >= 0 and self.max_quality_pairs_per_question >= 0
@@ -136,9 +144,14 @@ def build_pairs(records: list[dict], config: Config, tokenizer=None) -> tuple[li
     all_correct = all_wrong = 0
     gold_rejected = {"wrong_answer": 0, "no_answer": 0, "truncated": 0}
     no_correct = 0
+    variants = set(config.pair_variants)
+    left_out = 0
     for record in records:
         usable, unusable = [], []
-        for t in record["trajectories"]:
+        trajectories = [t for t in record["trajectories"] if not variants or t.get("variant") in variants]
+        left_out += len(record["trajectories"]) - len(trajectories)
+        record = {**record, "trajectories": trajectories}
+        for t in trajectories:
             if t.get("truncated"):
                 excluded["truncated"] += 1
                 unusable.append(t)
@@ -188,7 +201,10 @@ def build_pairs(records: list[dict], config: Config, tokenizer=None) -> tuple[li
                "questions_all_correct": all_correct, "questions_all_wrong": all_wrong,
                "questions_without_correct": no_correct,
                "excluded_trajectories": excluded, "largest_quality_gap": round(largest_quality_gap, 4),
-               "quality_threshold": config.quality_threshold}
+               "quality_threshold": config.quality_threshold,
+               "pair_variants": sorted(variants) or "all", "trajectories_of_other_variants": left_out,
+               "by_variant": {side: dict(sorted(Counter(p[f"{side}_variant"] for p in pairs).items()))
+                              for side in ("chosen", "rejected")}}
     summary["why_no_pairs"] = _why_no_pairs(summary) if not pairs else ""
     return pairs, summary
 
@@ -256,7 +272,11 @@ def describe(summary: dict, config: Config) -> list[str]:
     by_type = summary["by_type"]
     gold = f", {by_type['gold_anchored']} gold-anchored" if summary["gold_anchored"]["enabled"] else ""
     lines = [f"pairs: {summary['pairs']} ({by_type['correctness']} correctness, {by_type['quality']} quality{gold}) "
-             f"from {summary['questions']} questions; excluded trajectories: {summary['excluded_trajectories']}"]
+             f"from {summary['questions']} questions; excluded trajectories: {summary['excluded_trajectories']}",
+             f"pairs by variant sampled under: chosen {summary['by_variant']['chosen']}, rejected "
+             f"{summary['by_variant']['rejected']}" + (f" (only {', '.join(config.pair_variants)}: "
+                                                       f"{summary['trajectories_of_other_variants']} trajectories of "
+                                                       f"other variants left out)" if config.pair_variants else "")]
     if summary["gold_anchored"]["enabled"]:
         lines.append(f"gold-anchored: {summary['questions_without_correct']} questions had no correct trajectory; "
                      f"rejected sides by kind {summary['gold_anchored']['rejected_by_kind']}")
