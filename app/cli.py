@@ -104,7 +104,7 @@ def show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return ",".join(show(v) for v in value)
+        return ",".join(show(v) for v in value) or '""'
     if value is None:
         return "none"
     return str(value) if value != "" else '""'

@@ -91,4 +91,5 @@ def test_bench_under_the_launcher_counts_both_ranks(tmp_path):
     assert sft["tokens_per_s"] * sft["seconds"] == pytest.approx(
         64 * report["data"]["sft"]["mean_tokens_per_example"], rel=0.05)
     assert 16 / dpo["train_pairs_per_s"] == pytest.approx(dpo["seconds"], abs=0.01)
-    assert dpo["step0_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # The default loss is DPO + NLL weight 1: ln 2 plus the chosen answers' NLL, with margin 0 at step 0.
+    assert dpo["step0_margin"] == pytest.approx(0.0, abs=1e-6) and dpo["step0_loss"] > math.log(2) + 1
