@@ -25,22 +25,17 @@ import struct
 from dataclasses import dataclass, field
 
 from app import artifacts
+from app.phases.eval import model_rank, model_round
 
-MODEL_ORDER = ("base", "sft", "dpo")
 MODEL_LABEL = {"base": "Base", "sft": "SFT", "dpo": "DPO"}
 EXAMPLES_PER_FLIP = 5
-
-
-def model_round(model: str) -> int:
-    """1 for base, sft and dpo; r for a later round's policy, 'dpo-r<r>'."""
-    _, _, round_ = model.partition("-r")
-    return int(round_) if round_.isdigit() else 1
+DPO_SERIES = [("loss", "loss"), ("rewards/margins", "reward margin (chosen − rejected)"),
+              ("rewards/accuracies", "preference accuracy")]
 
 
 def ordered_models(by_model) -> list[str]:
-    """The models of `by_model` in pipeline order: base, sft, dpo, then dpo-r2, dpo-r3, ..."""
-    later = sorted((m for m in by_model if m not in MODEL_ORDER and model_round(m) > 1), key=model_round)
-    return [m for m in MODEL_ORDER if m in by_model] + later
+    """The models of `by_model` in eval's order: base, sft, dpo, then dpo-r2, dpo-r3, ..."""
+    return sorted(by_model, key=model_rank)
 
 
 def model_label(model: str) -> str:
@@ -109,16 +104,19 @@ def collect(store: str, run_id: str, phases: tuple[str, ...]) -> RunArtifacts:
     from app.phases import ROUND_PHASES, step_name
 
     uris = {phase: artifacts.phase_uri(store, run_id, phase) for phase in phases if phase != "eval"}
+    manifests = {phase: artifacts.read_manifest(uri) for phase, uri in uris.items()}
     r = 2
     while True:
         found = {step_name((phase, r)): artifacts.phase_uri(store, run_id, phase, r) for phase in ROUND_PHASES}
-        if not any(artifacts.read_manifest(uri) for uri in found.values()):
+        found_manifests = {step: artifacts.read_manifest(uri) for step, uri in found.items()}
+        if not any(found_manifests.values()):
             break
         uris.update(found)
+        manifests.update(found_manifests)
         r += 1
     if "eval" in phases:
         uris["eval"] = artifacts.phase_uri(store, run_id, "eval")
-    manifests = {phase: artifacts.read_manifest(uri) for phase, uri in uris.items()}
+        manifests["eval"] = artifacts.read_manifest(uris["eval"])
     run = RunArtifacts(store=store, run_id=run_id, manifests=manifests)
 
     def history(phase: str) -> list[dict]:
@@ -129,8 +127,8 @@ def collect(store: str, run_id: str, phases: tuple[str, ...]) -> RunArtifacts:
 
     run.sft_history, run.dpo_history = history("sft"), history("dpo")
     for later in range(2, r):
-        if history(step_name(("dpo", later))):
-            run.round_dpo_history[later] = history(step_name(("dpo", later)))
+        if rows := history(step_name(("dpo", later))):
+            run.round_dpo_history[later] = rows
     if manifests.get("rollouts"):
         from app.data import read_jsonl
 
@@ -498,15 +496,12 @@ def render_html(run: RunArtifacts, timings: dict | None = None, total_seconds: f
                      + _e(", ".join(f"{k} {v}" for k, v in excluded.items()) or "none") + "</p></section>")
 
     if run.dpo_history:
-        parts.append("<section><h2>DPO</h2>" + _img(plot_curves(run.dpo_history, [
-            ("loss", "loss"), ("rewards/margins", "reward margin (chosen − rejected)"),
-            ("rewards/accuracies", "preference accuracy")]), "DPO curves", "dpo-curves")
+        parts.append("<section><h2>DPO</h2>" + _img(plot_curves(run.dpo_history, DPO_SERIES), "DPO curves", "dpo-curves")
             + _metrics_line(run.manifests["dpo"])
-            + "".join(f"<h3>Round {r}</h3>" + _img(plot_curves(rows, [
-                ("loss", "loss"), ("rewards/margins", "reward margin (chosen − rejected)"),
-                ("rewards/accuracies", "preference accuracy")]), f"DPO round {r} curves", f"dpo-r{r}-curves")
-                + _metrics_line(run.manifests.get(f"round-{r}/dpo"))
-                for r, rows in sorted(run.round_dpo_history.items()))
+            + "".join(f"<h3>Round {r}</h3>" + _img(plot_curves(rows, DPO_SERIES), f"DPO round {r} curves",
+                                                   f"dpo-r{r}-curves")
+                      + _metrics_line(run.manifests.get(f"round-{r}/dpo"))
+                      for r, rows in sorted(run.round_dpo_history.items()))
             + "</section>")
 
     results = run.eval_summary.get("results", {})

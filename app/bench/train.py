@@ -220,7 +220,7 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
     from app.training.data import tokenize_pairs
     from app.training.distributed import world
     from app.training.overrides import host_arguments
-    from app.training.trainers import FastDPOTrainer
+    from app.training.trainers import FastDPOTrainer, dpo_loss_arguments
 
     pairs = tokenize_pairs(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
                            [r["rejected"] for r in rows])
@@ -236,8 +236,7 @@ def bench_dpo(base, tokenizer, rows, config: Config, device, log) -> tuple[objec
                      gradient_accumulation_steps=1, max_steps=_our_steps(config), learning_rate=5e-6,
                      lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=1024, logging_steps=10,
                      logging_first_step=True, gradient_checkpointing=False,
-                     loss_type=["sigmoid", "sft"] if config.dpo_sft_weight > 0 else ["sigmoid"],
-                     loss_weights=[1.0, config.dpo_sft_weight] if config.dpo_sft_weight > 0 else None,
+                     **dpo_loss_arguments(config.dpo_sft_weight),
                      precompute_ref_log_probs=config.precompute_reference, **host_arguments(),
                      **_common_args(config, device, "bench-dpo-", workers=2 if device.type == "cuda" else 0))
     reset_memory(device)
@@ -352,11 +351,12 @@ def peer_dpo(base, tokenizer, dataset, config: Config, device, log, n_lora: int,
     from trl import DPOConfig, DPOTrainer
 
     from app.training.distributed import world
+    from app.training.trainers import dpo_loss_arguments
 
     model = sft_adapter(base, config, config.seed + 11)
-    loss = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.dpo_sft_weight]) if config.dpo_sft_weight > 0 else {}
     args = DPOConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=_peer_steps(config),
-                     logging_steps=1, **loss, **_common_args(config, device, "bench-dpo-peer-"))
+                     logging_steps=1, **dpo_loss_arguments(config.dpo_sft_weight),
+                     **_common_args(config, device, "bench-dpo-peer-"))
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     run = time_trainer(trainer, device, 1, config.peer_steps, _peer_profile_steps(config),
                        _trace(config, "dpo-peer"))

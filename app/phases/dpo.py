@@ -212,7 +212,7 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
     from trl import DPOConfig
 
     from app.training.overrides import host_arguments
-    from app.training.trainers import FastDPOTrainer  # TRL's trainer, our step (docs/PERFORMANCE.md)
+    from app.training.trainers import FastDPOTrainer, dpo_loss_arguments  # TRL's trainer, our step (docs/PERFORMANCE.md)
 
     check_adapter_matches(sft_dir, AutoConfig.from_pretrained(base_path), "sft adapter")
     with timer.part("load") if timer else contextlib.nullcontext():
@@ -232,8 +232,7 @@ def build_trainer(config: Config, base_path: str, sft_dir: str, pairs: list[dict
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         beta=config.dpo_beta,
-        loss_type=["sigmoid", "sft"] if config.dpo_sft_weight > 0 else ["sigmoid"],
-        loss_weights=[1.0, config.dpo_sft_weight] if config.dpo_sft_weight > 0 else None,
+        **dpo_loss_arguments(config.dpo_sft_weight),
         max_length=config.max_seq_length,
         # The first step is always logged (the reference check reads it); after that every 10th on
         # real data: each log makes the host wait for the GPU.

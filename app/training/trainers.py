@@ -272,6 +272,14 @@ class _AdapterSwap:
         return False
 
 
+def dpo_loss_arguments(sft_weight: float) -> dict:
+    """DPOConfig's loss settings: TRL's sigmoid loss, plus its 'sft' NLL term on the chosen answer at
+    `sft_weight` when it is above 0 (Iterative RPO's DPO + NLL at 1.0)."""
+    if sft_weight > 0:
+        return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
+    return {"loss_type": ["sigmoid"], "loss_weights": None}
+
+
 def chosen_nll(token_logps: torch.Tensor, owner: torch.Tensor, pairs: int, group_pairs: int | None = None) -> torch.Tensor:
     """TRL's 'sft' term: minus the mean log-prob of the chosen completions' tokens, taken per group of
     `group_pairs` consecutive pairs (the micro-batches TRL would have seen) and averaged over the groups.
